@@ -1,0 +1,319 @@
+"""cxrd.toml, isaacteleop env files and command-line overrides, validated as one.
+
+Precedence, lowest first: built-in defaults, the TOML file, ``--env-file``
+(isaacteleop's ``KEY=value`` format), command-line flags. Every problem is a
+:class:`~cxrd.errors.InvalidConfig` naming the file and the key; nothing is
+half-applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxrd import constants as C
+from cxrd.errors import InvalidConfig
+
+BACKENDS = ("isaacteleop", "sim", "command")
+_T = typing.TypeVar("_T")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Faults the ``sim`` backend injects (DESIGN §3); all off by default."""
+
+    startup_delay: float = 0.2
+    exit_before_ready: int | None = None
+    never_ready: bool = False
+    crash_after: float | None = None
+    ignore_sigterm: bool = False
+    spawn_grandchild: bool = False
+    flood_stderr: int = 0
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    backend: str = "isaacteleop"
+    command: tuple[str, ...] = ()
+    startup_timeout: float = 30.0
+    stop_timeout: float = 10.0
+    device_profile: str = C.DEFAULT_DEVICE_PROFILE
+    env: Mapping[str, str] = field(default_factory=dict)
+    sim: SimConfig = field(default_factory=SimConfig)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = C.DEFAULT_PROXY_PORT
+    backend_port: int = C.DEFAULT_BACKEND_PORT
+    cert: str | None = None
+    key: str | None = None
+    max_message_size: int = 4 * 1024 * 1024
+    max_connections: int = 64
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+
+
+@dataclass(frozen=True)
+class RestartConfig:
+    max_restarts: int = 5
+    window: float = 60.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    install_dir: str = C.DEFAULT_INSTALL_DIR
+    stop_when_idle: bool = False
+    idle_grace: float = 30.0
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    restart: RestartConfig = field(default_factory=RestartConfig)
+    source: str = field(default="(defaults)", compare=False)
+
+    @property
+    def install_path(self) -> Path:
+        return Path(os.path.expanduser(self.install_dir)).absolute()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.install_path / C.RUN_DIR
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.install_path / C.LOGS_DIR
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.install_path / C.CERTS_DIR
+
+
+def default_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Path(base) / "cxrd" / "cxrd.toml"
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective config.
+
+    ``path`` None means the default path, which may be absent; a given path
+    must exist. ``overrides`` maps dotted keys (``"runtime.backend"``) to values.
+    """
+    explicit = path is not None
+    path = path if path is not None else default_config_path()
+    data: dict[str, Any] = {}
+    source = "(defaults)"
+    if explicit or path.exists():
+        source = str(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InvalidConfig(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidConfig(f"{path}: cannot read config file: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidConfig(f"{path}: not valid TOML: {exc}") from None
+    config = _build(Config, data, source, "")
+    _check_env(config.runtime.env, source, "runtime.env", allow_profile=False)
+    if env_file is not None:
+        config = _apply_env_file(config, env_file)
+    if overrides:
+        config = _apply_overrides(config, overrides)
+    config = dataclasses.replace(config, source=source)
+    _check_semantics(config)
+    return config
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    """Read isaacteleop's ``KEY=value`` override format (comments, blanks, ``$VAR``, ``~``)."""
+    try:
+        text = path.expanduser().read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidConfig(f"{path}: cannot read env file: {exc.strerror or exc}") from None
+    result: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        key = key.strip()
+        if not sep or not _ENV_NAME.match(key):
+            raise InvalidConfig(f"{path}:{number}: expected KEY=value, got {raw!r}")
+        result[key] = os.path.expanduser(os.path.expandvars(value.strip()))
+    return result
+
+
+def _apply_env_file(config: Config, path: Path) -> Config:
+    values = parse_env_file(path)
+    profile = values.pop(C.DEVICE_PROFILE_ENV, None)
+    _check_env(values, str(path), "", allow_profile=False)
+    runtime = dataclasses.replace(
+        config.runtime,
+        env={**config.runtime.env, **values},
+        device_profile=profile if profile is not None else config.runtime.device_profile,
+    )
+    return dataclasses.replace(config, runtime=runtime)
+
+
+def _check_env(env: Mapping[str, str], source: str, where: str, *, allow_profile: bool) -> None:
+    prefix = f"{where}." if where else ""
+    for key in env:
+        if not _ENV_NAME.match(key):
+            raise InvalidConfig(f"{source}: {prefix}{key}: not a valid environment variable name")
+        if key in C.RESERVED_ENV_KEYS:
+            raise InvalidConfig(
+                f"{source}: {prefix}{key}: reserved, cxrd computes it from install_dir"
+            )
+        if key == C.DEVICE_PROFILE_ENV and not allow_profile:
+            raise InvalidConfig(
+                f"{source}: {prefix}{key}: set runtime.device_profile instead"
+            )
+
+
+def _apply_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    merged = _merge(_as_plain(config), nested)
+    return _build(Config, merged, "command line", "")
+
+
+def _as_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: _as_plain(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if f.name != "source"
+        }
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "env":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _build(cls: type[_T], data: Mapping[str, Any], source: str, where: str) -> _T:
+    if not isinstance(data, Mapping):
+        raise InvalidConfig(f"{source}: [{where}]: expected a table")
+    assert dataclasses.is_dataclass(cls)
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in known:
+            choices = ", ".join(sorted(known))
+            raise InvalidConfig(f"{source}: {dotted}: unknown key (known here: {choices})")
+        kwargs[key] = _convert(hints[key], value, source, dotted)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, source, key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, key)  # type: ignore[arg-type]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(source, key, "true or false", value)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(source, key, "an integer", value)
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise _type_error(source, key, "a number", value)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(source, key, "a string", value)
+    if origin is tuple:
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise _type_error(source, key, "a list of strings", value)
+    if origin is Mapping:
+        if isinstance(value, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            return dict(value)
+        raise _type_error(source, key, "a table of strings", value)
+    raise TypeError(f"config schema has an unsupported type for {key}: {hint!r}")
+
+
+def _type_error(source: str, key: str, expected: str, value: Any) -> InvalidConfig:
+    return InvalidConfig(f"{source}: {key}: expected {expected}, got {value!r}")
+
+
+def _check_semantics(config: Config) -> None:
+    src = config.source
+    rt = config.runtime
+    if rt.backend not in BACKENDS:
+        raise InvalidConfig(
+            f"{src}: runtime.backend: {rt.backend!r} is not one of {', '.join(BACKENDS)}"
+        )
+    if rt.backend == "command" and not rt.command:
+        raise InvalidConfig(f"{src}: runtime.command: required when runtime.backend = 'command'")
+    if not rt.device_profile:
+        raise InvalidConfig(f"{src}: runtime.device_profile: must not be empty")
+    positive = {
+        "runtime.startup_timeout": rt.startup_timeout,
+        "runtime.stop_timeout": rt.stop_timeout,
+        "restart.window": config.restart.window,
+        "restart.backoff_initial": config.restart.backoff_initial,
+        "restart.backoff_max": config.restart.backoff_max,
+        "proxy.max_message_size": config.proxy.max_message_size,
+        "proxy.max_connections": config.proxy.max_connections,
+        "proxy.ping_interval": config.proxy.ping_interval,
+        "proxy.ping_timeout": config.proxy.ping_timeout,
+        "idle_grace": config.idle_grace,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise InvalidConfig(f"{src}: {key}: must be greater than 0, got {value}")
+    if config.restart.max_restarts < 0:
+        raise InvalidConfig(f"{src}: restart.max_restarts: must be 0 or more")
+    for key, port in (("proxy.port", config.proxy.port), ("proxy.backend_port", config.proxy.backend_port)):
+        if not 0 < port < 65536:
+            raise InvalidConfig(f"{src}: {key}: {port} is not a TCP port (1-65535)")
+    if (config.proxy.cert is None) != (config.proxy.key is None):
+        raise InvalidConfig(f"{src}: proxy.cert, proxy.key: give both or neither")

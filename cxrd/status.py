@@ -1,0 +1,56 @@
+"""The daemon's one status snapshot, as typed values. Pure: no I/O.
+
+The supervisor produces a :class:`Snapshot`; the D-Bus adapter puts it on the
+wire as ``a{sv}``; the client turns the wire form back into a ``Snapshot``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cxrd.state import State
+
+
+@dataclass(frozen=True)
+class RuntimeStatus:
+    pid: int = 0  # 0: not running
+    started_at: float = 0.0  # Unix time; 0: not running
+    restarts: int = 0  # crashes restarted since the daemon started
+    last_exit: str = ""  # "exited with code 1", "killed by SIGSEGV"; "" if none yet
+
+
+@dataclass(frozen=True)
+class ProxyStatus:
+    pid: int = 0
+    port: int = 0
+    url: str = ""  # wss://host:port/ ; "" when the proxy is disabled
+    restarts: int = 0
+    last_exit: str = ""
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: str
+    holder: str  # the holder's unique bus name (":1.42"), or another owner token
+    pid: int  # 0 when unknown
+    reason: str
+    since: float  # Unix time
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    state: State
+    backend: str  # "isaacteleop", "sim" or "command"
+    runtime: RuntimeStatus
+    proxy: ProxyStatus
+    device_profile: str
+    environment: Mapping[str, str]  # what run/cloudxr.env holds; {} when no runtime
+    env_file: str
+    logs: Mapping[str, str]  # "runtime", "server", "proxy" -> path
+    install_dir: str
+    uptime: float  # seconds since the daemon started
+    last_error: str
+    version: str
+    interface_version: int
+    leases: tuple[Lease, ...] = field(default=())
