@@ -1,0 +1,1 @@
+"""Fixtures: dbus (filled in by its owner)."""

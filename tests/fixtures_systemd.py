@@ -1,0 +1,1 @@
+"""Fixtures: systemd (filled in by its owner)."""
