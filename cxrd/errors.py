@@ -19,6 +19,11 @@ class CxrdError(Exception):
     exit_code: ClassVar[int] = 1
     hint: ClassVar[str] = ""
 
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        # Longer evidence (a log tail) for cxrd.last_error; never on the wire.
+        self.detail = detail
+
     @classmethod
     def dbus_name(cls) -> str:
         return ERROR_PREFIX + cls.name

@@ -15,7 +15,7 @@ class State(enum.StrEnum):
 
 
 _ALLOWED: dict[State, frozenset[State]] = {
-    # STOPPED -> STARTING: the first start, and Restart() after a stop.
+    # STOPPED -> STARTING: the first start.
     State.STOPPED: frozenset({State.STARTING}),
     # STARTING -> READY | STOPPING (Stop during start) | FAILED (start failed)
     State.STARTING: frozenset({State.READY, State.STOPPING, State.FAILED}),
@@ -23,10 +23,10 @@ _ALLOWED: dict[State, frozenset[State]] = {
     State.READY: frozenset({State.RESTARTING, State.STOPPING}),
     # RESTARTING -> READY (back up) | STOPPING | FAILED (gave up)
     State.RESTARTING: frozenset({State.READY, State.STOPPING, State.FAILED}),
-    # STOPPING -> STOPPED
-    State.STOPPING: frozenset({State.STOPPED}),
-    # FAILED -> STARTING: Restart() retries in the same daemon.
-    State.FAILED: frozenset({State.STARTING}),
+    # STOPPING -> STOPPED | STARTING (Restart(): the same daemon starts again)
+    State.STOPPING: frozenset({State.STOPPED, State.STARTING}),
+    # FAILED is final: the daemon exits with the error's code.
+    State.FAILED: frozenset(),
 }
 
 

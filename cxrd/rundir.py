@@ -1,0 +1,125 @@
+"""The run dir: the daemon's lock, stale files, liveness of a runtime, the last error.
+
+One home for the files under ``<install>/run`` that cxrd itself owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+from cxrd import constants as C
+from cxrd.errors import AlreadyServing
+
+
+def ensure_run_dir(run_dir: Path) -> None:
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+
+
+class InstallLock:
+    """An flock on ``run/cxrd.lock`` held for the daemon's life: one cxrd per install dir."""
+
+    def __init__(self, run_dir: Path) -> None:
+        ensure_run_dir(run_dir)
+        self.path = run_dir / C.LOCK_FILE
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise AlreadyServing(
+                f"another cxrd{who} already serves {run_dir.parent}"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        os.close(self._fd)
+
+
+def live_runtime_pid(run_dir: Path) -> int | None:
+    """The pid of a runtime answering on ``ipc_cloudxr``; 0 if live but unknown; None if none.
+
+    A socket file alone proves nothing: only a successful connect() does. Like
+    isaacteleop, an error that is not a plain "nobody listens" counts as live.
+    """
+    path = run_dir / C.IPC_SOCKET
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(os.fspath(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
+                return None
+            return 0
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, _uid, _gid = struct.unpack("3i", creds)
+        return pid
+
+
+def remove_stale(run_dir: Path) -> list[str]:
+    """Remove what a dead runtime left behind; return the names removed."""
+    removed = []
+    for name in C.STALE_RUN_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / name).unlink()
+            removed.append(name)
+    return removed
+
+
+def write_last_error(run_dir: Path, what: str, error: str, stderr_tail: str) -> None:
+    """Record why the daemon ended, for ``cxrctl status`` after it is gone."""
+    ensure_run_dir(run_dir)
+    record = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "what": what,
+        "error": error,
+        "stderr_tail": stderr_tail,
+        "pid": os.getpid(),
+    }
+    tmp = run_dir / f".{C.LAST_ERROR_FILE}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, run_dir / C.LAST_ERROR_FILE)
+
+
+def clear_last_error(run_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (run_dir / C.LAST_ERROR_FILE).unlink()
+
+
+def read_last_error(run_dir: Path) -> dict[str, object] | None:
+    try:
+        data = json.loads((run_dir / C.LAST_ERROR_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def tail_text(path: Path, *, start: int = 0, max_bytes: int = 4096, max_lines: int = 20) -> str:
+    """The last lines of ``path`` written after byte ``start``; '' when none."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(start, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    return "\n".join(lines[-max_lines:]).strip()
