@@ -1,0 +1,104 @@
+"""What every backend shares: the runtime's environment and the launch record."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxrd import constants as C
+from cxrd.config import Config
+from cxrd.envfile import check_env_value
+from cxrd.errors import InvalidArgs, InvalidConfig
+from cxrd.process import ChildSpec
+
+
+@dataclass(frozen=True)
+class RuntimeLaunch:
+    """How to start the runtime, and what the daemon publishes about it."""
+
+    backend: str  # "isaacteleop" | "sim" | "command"
+    spec: ChildSpec
+    # What run/cloudxr.env holds and D-Bus ``Environment`` shows.
+    environment: Mapping[str, str]
+    stderr_log: Path
+    logs_dir: Path  # NV_CXR_OUTPUT_DIR: where cxr_server.*.log appear
+
+
+def check_device_profile(profile: str) -> None:
+    """A profile given at Start() must be one word; the runtime sees it verbatim."""
+    if not profile or not profile.isprintable() or any(ch.isspace() for ch in profile):
+        raise InvalidArgs(f"device_profile {profile!r}: expected one word such as Quest3")
+
+
+def computed_env(install: Path) -> dict[str, str]:
+    """The six keys isaacteleop's EnvConfig always derives from the install dir."""
+    return {
+        "XR_RUNTIME_JSON": str(install / "openxr_cloudxr.json"),
+        "NV_CXR_RUNTIME_DIR": str(install / C.RUN_DIR),
+        "NV_CXR_OUTPUT_DIR": str(install / C.LOGS_DIR),
+        "XRT_NO_STDIN": "true",
+        "CXR_INSTALL_DIR": str(install),
+        "CXR_HOST_VOLUME_PATH": str(install),
+    }
+
+
+def runtime_environment(config: Config, device_profile: str) -> dict[str, str]:
+    """Defaults, the profile, ``runtime.env``, then the computed keys (which always win)."""
+    env = dict(C.DEFAULT_RUNTIME_ENV)
+    env[C.DEVICE_PROFILE_ENV] = device_profile
+    for key, value in config.runtime.env.items():
+        try:
+            check_env_value(key, value)
+        except ValueError as exc:
+            raise InvalidConfig(f"{config.source}: runtime.env.{exc}") from None
+        env[key] = value
+    computed = computed_env(config.install_path)
+    for key, value in computed.items():
+        try:
+            check_env_value(key, value)
+        except ValueError as exc:
+            raise InvalidConfig(f"{config.source}: install_dir: {exc}") from None
+    env.update(computed)
+    return env
+
+
+def ensure_dirs(config: Config) -> None:
+    """Create the run dir (0700 when new) and the logs dir; existing ones are left as found."""
+    try:
+        config.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        config.logs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidConfig(
+            f"{config.source}: install_dir: cannot create {exc.filename}: {exc.strerror}"
+        ) from None
+
+
+def child_env(environment: Mapping[str, str], extras: Mapping[str, str]) -> dict[str, str]:
+    """The child's whole environment: the daemon's, the runtime's, then backend extras."""
+    return {**os.environ, **environment, **extras}
+
+
+def build_launch(
+    backend: str,
+    config: Config,
+    argv: tuple[str, ...],
+    environment: Mapping[str, str],
+    extras: Mapping[str, str],
+) -> RuntimeLaunch:
+    stderr_log = config.logs_dir / C.RUNTIME_STDERR_LOG
+    spec = ChildSpec(
+        name="runtime",
+        argv=argv,
+        env=child_env(environment, extras),
+        stderr=stderr_log,
+        stdout=None,
+    )
+    return RuntimeLaunch(
+        backend=backend,
+        spec=spec,
+        environment=dict(environment),
+        stderr_log=stderr_log,
+        logs_dir=config.logs_dir,
+    )
