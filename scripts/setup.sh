@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Set up everything cxrd and its tests need, idempotently:
+#   1. Debian packages (the bus, systemd's user manager, openssl, ...) that are
+#      missing, with one `apt-get update` first when anything must be installed;
+#   2. .venv with cxrd installed editable, with its test tools and the CloudXR
+#      runtime package (`-e .[test,cloudxr]`), redone only when pyproject changes.
+# Usage: scripts/setup.sh   (root, or a user with sudo, for step 1 when needed)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# dbus + dbus-user-session: the session bus under `systemd --user`; systemd:
+# the user manager, systemctl, busctl; libglib2.0-bin: gdbus (tests use a D-Bus
+# tool nobody here wrote); openssl: certificate checks; python3-venv: .venv.
+packages=(dbus dbus-user-session dbus-bin systemd openssl libglib2.0-bin python3-venv procps)
+
+installed() {
+    dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null | grep -qx installed
+}
+
+missing=()
+if command -v dpkg-query >/dev/null; then
+    for pkg in "${packages[@]}"; do
+        installed "$pkg" || missing+=("$pkg")
+    done
+else
+    echo "setup: not a Debian system; install by hand: ${packages[*]}" >&2
+fi
+
+if ((${#missing[@]})); then
+    sudo=()
+    if [[ $(id -u) != 0 ]]; then
+        command -v sudo >/dev/null || {
+            echo "setup: missing ${missing[*]}; run as root or install them" >&2
+            exit 1
+        }
+        sudo=(sudo)
+    fi
+    echo "setup: installing ${missing[*]}"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+python=${PYTHON:-python3}
+"$python" - <<'PY' || { echo "setup: cxrd needs Python 3.11 or newer ($python)" >&2; exit 1; }
+import sys
+sys.exit(sys.version_info < (3, 11))
+PY
+
+if [[ ! -x .venv/bin/python ]]; then
+    echo "setup: creating .venv with $("$python" --version)"
+    "$python" -m venv .venv
+fi
+
+stamp=.venv/.cxrd-setup
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] || ! .venv/bin/python -c 'import cxrd, pytest' 2>/dev/null; then
+    echo "setup: installing cxrd into .venv (editable, with [test,cloudxr])"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,cloudxr]'
+    echo "$want" >"$stamp"
+fi
+echo "setup: ready (.venv/bin/cxrd, .venv/bin/cxrctl)"
