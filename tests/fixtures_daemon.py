@@ -99,17 +99,27 @@ class DaemonEnv:
     def logs_dir(self) -> Path:
         return self.install_dir / "logs"
 
-    def write_config(self, text: str = "", *, sim: str = "", proxy: bool = True) -> None:
-        """A sim config on this test's dirs and ports, plus ``text`` and ``[runtime.sim]``."""
+    def write_config(
+        self,
+        text: str = "",
+        *,
+        sim: str = "",
+        runtime: str = "",
+        restart: str = "",
+        backend: str = "sim",
+        proxy: bool = True,
+    ) -> None:
+        """A config on this test's dirs and ports; the strings add keys to their tables."""
+        sim_table = f"\n[runtime.sim]\nstartup_delay = 0.1\n{sim}\n" if backend == "sim" else ""
         self.config_path.write_text(
             f'install_dir = "{self.install_dir}"\n'
             + text
             + "\n[runtime]\n"
-            + 'backend = "sim"\nstartup_timeout = 10.0\nstop_timeout = 2.0\n'
-            + f"\n[runtime.sim]\nstartup_delay = 0.1\n{sim}\n"
+            + f'backend = "{backend}"\nstop_timeout = 2.0\n{runtime}\n'
+            + sim_table
             + f"\n[proxy]\nenabled = {'true' if proxy else 'false'}\n"
             + f'host = "127.0.0.1"\nport = {self.proxy_port}\nbackend_port = {self.backend_port}\n'
-            + "\n[restart]\nbackoff_initial = 0.1\nbackoff_max = 0.5\n"
+            + f"\n[restart]\nbackoff_initial = 0.1\nbackoff_max = 0.5\n{restart}\n"
         )
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -140,14 +150,14 @@ class DaemonEnv:
 
 
 @pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     sock = NotifySocket(tmp_path / "notify.sock")
     yield sock
     sock.close()
 
 
 @pytest.fixture
-def daemon_env(tmp_path: Path, notify_socket: NotifySocket) -> Iterator[DaemonEnv]:
+def daemon_env(tmp_path: Path, notify: NotifySocket) -> Iterator[DaemonEnv]:
     """A private install dir, a sim config, NOTIFY_SOCKET; no session bus."""
     runtime_dir = tmp_path / "xdg-runtime"
     runtime_dir.mkdir(mode=0o700)
@@ -157,7 +167,7 @@ def daemon_env(tmp_path: Path, notify_socket: NotifySocket) -> Iterator[DaemonEn
         if k not in ("DBUS_SESSION_BUS_ADDRESS", "JOURNAL_STREAM", "WATCHDOG_USEC") and not k.startswith("CXRD_SIM_")
     }
     env.update(
-        NOTIFY_SOCKET=str(notify_socket.path),
+        NOTIFY_SOCKET=str(notify.path),
         XDG_RUNTIME_DIR=str(runtime_dir),
         XDG_CONFIG_HOME=str(tmp_path / "config"),
         PYTHONUNBUFFERED="1",
