@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
-import resource
 import signal
 import sys
 from collections.abc import Mapping
@@ -189,6 +187,9 @@ def _spawn_grandchild(run_dir: str) -> int:
 
 def _crash() -> NoReturn:
     """Die of SIGSEGV as a crashing runtime would, leaving no core file."""
+    import ctypes
+    import resource
+
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     # Not dumpable: no core even where core_pattern pipes to a helper.
     with contextlib.suppress(OSError, AttributeError):
