@@ -1,0 +1,139 @@
+"""The Debian package: built for real by packaging/build-deb.sh, then inspected and unpacked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support import TIMEOUT
+
+REPO = Path(__file__).resolve().parent.parent
+DEBIAN_PYTHON = Path("/usr/bin/python3.11")
+
+
+@dataclass(frozen=True)
+class Built:
+    deb: Path
+    files: dict[str, str]  # path in the package -> the `dpkg-deb -c` line
+    root: Path  # the package unpacked with dpkg-deb -x
+
+
+def _dpkg_deb(*args: str) -> str:
+    return subprocess.run(
+        ["dpkg-deb", *args], capture_output=True, text=True, check=True, timeout=TIMEOUT * 6
+    ).stdout
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not installed: not a Debian system")
+    if not DEBIAN_PYTHON.exists():
+        pytest.skip(f"{DEBIAN_PYTHON} (Debian 12's python) is not installed")
+    out = tmp_path_factory.mktemp("deb")
+    # Without the runtime (isaacteleop + numpy, ~110 MB): the same script, a faster build.
+    result = subprocess.run(
+        ["bash", str(REPO / "packaging" / "build-deb.sh"), "--without-cloudxr",
+         "--out", str(out), "--compress", "gzip"],
+        capture_output=True, text=True, timeout=TIMEOUT * 30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (deb,) = out.glob("cxrd_*.deb")
+    files = {}
+    for line in _dpkg_deb("-c", str(deb)).splitlines():
+        name = line.split(None, 5)[5].split(" -> ")[0].removeprefix(".")
+        files[name.rstrip("/") or "/"] = line
+    root = out / "unpacked"
+    _dpkg_deb("-x", str(deb), str(root))
+    yield Built(deb=deb, files=files, root=root)
+
+
+def test_package_holds_the_units_the_activation_file_and_cxrd(built: Built) -> None:
+    for path in (
+        "/usr/lib/systemd/user/cloudxr.service",
+        "/usr/share/dbus-1/services/io.github.cxrd.Daemon1.service",
+        "/usr/lib/cxrd/bin/python",
+        "/usr/lib/cxrd/bin/cxrd",
+        "/usr/lib/cxrd/bin/cxrctl",
+        "/usr/lib/cxrd/lib/python3.11/site-packages/cxrd/daemon.py",
+        "/usr/lib/cxrd/lib/python3.11/site-packages/cxrd/data/cloudxr.service",
+        "/usr/share/doc/cxrd/copyright",
+    ):
+        assert path in built.files, f"{path} missing from {built.deb.name}"
+    assert built.files["/usr/bin/cxrd"].endswith("-> ../lib/cxrd/bin/cxrd")
+    assert built.files["/usr/bin/cxrctl"].endswith("-> ../lib/cxrd/bin/cxrctl")
+    # What the package ships is the checked-in unit, which runs /usr/bin/cxrd.
+    unit = (built.root / "usr/lib/systemd/user/cloudxr.service").read_text()
+    assert unit == (REPO / "systemd" / "cloudxr.service").read_text()
+    assert "\nExecStart=/usr/bin/cxrd\n" in unit
+    activation = built.root / "usr/share/dbus-1/services/io.github.cxrd.Daemon1.service"
+    assert "SystemdService=cloudxr.service" in activation.read_text()
+    # Nothing the package owns is writable by others or owned by the builder.
+    for line in built.files.values():
+        mode, owner = line.split()[:2]
+        assert owner == "root/root", line
+        assert mode[8] != "w" or mode[0] == "l", line
+
+
+def test_package_declares_its_dependencies(built: Built) -> None:
+    fields = {
+        key: _dpkg_deb("-f", str(built.deb), key).strip()
+        for key in ("Package", "Version", "Architecture", "Depends", "Recommends")
+    }
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert fields["Package"] == "cxrd"
+    assert fields["Version"] == f"{project['version']}-1"
+    arch = subprocess.run(
+        ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert fields["Architecture"] == arch
+    assert "python3.11" in fields["Depends"]
+    assert "libc6 (>= 2." in fields["Depends"]
+    assert "dbus-user-session" in fields["Recommends"]
+
+
+def test_unpacked_environment_runs_cxrd_with_every_dependency(built: Built) -> None:
+    python = built.root / "usr/lib/cxrd/bin/python"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(built.root)}
+    # pip check: every requirement of cxrd (dbus-fast, websockets, ...) is there, in range.
+    check = subprocess.run(
+        [str(python), "-I", "-m", "pip", "check"],
+        capture_output=True, text=True, env=env, timeout=TIMEOUT * 3, check=False,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    probe = subprocess.run(
+        [str(python), "-I", "-c",
+         "import sys, cxrd, cxrd.install, dbus_fast, websockets, cryptography, sdnotify; "
+         "print(sys.prefix); print(cxrd.__file__)"],
+        capture_output=True, text=True, env=env, timeout=TIMEOUT * 3, check=False,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    prefix, module = probe.stdout.split()
+    assert prefix == str(built.root / "usr/lib/cxrd")
+    assert module.startswith(prefix + "/lib/python3.11/site-packages/"), "not the repo's cxrd"
+    # The entry points run the package's own interpreter once installed.
+    for script in ("cxrd", "cxrctl"):
+        first = (built.root / "usr/lib/cxrd/bin" / script).read_text().splitlines()[0]
+        assert first == "#!/usr/lib/cxrd/bin/python"
+    usage = subprocess.run(
+        [str(python), "-I", "-m", "cxrd", "--help"],
+        capture_output=True, text=True, env=env, timeout=TIMEOUT * 3, check=False,
+    )  # fmt: skip
+    assert usage.returncode == 0, usage.stderr
+    assert "--runtime" in usage.stdout
+
+
+def test_no_trace_of_the_build_machine_in_the_package(built: Built) -> None:
+    leaks = subprocess.run(
+        ["grep", "-rlE", "cxrd-deb\\.|/work/|\\.pyenv", str(built.root)],
+        capture_output=True, text=True, timeout=TIMEOUT * 3, check=False,
+    )  # fmt: skip
+    assert leaks.stdout == "", f"build paths baked into: {leaks.stdout}"
+    compiled = [name for name in built.files if "__pycache__" in name]
+    assert compiled == [], "byte-code belongs to postinst, not the package"
