@@ -226,11 +226,11 @@ def test_sim_rejects_a_run_dir_that_disagrees_with_the_install_dir(sim: Sim) -> 
 
 
 def test_sim_startup_delay_holds_back_the_sentinel(sim: Sim) -> None:
-    sim.start(**{F.STARTUP_DELAY: "1.0"})
+    sim.start(**{F.STARTUP_DELAY: "2.0"})
     wait_until(sim.ipc.exists, "the ipc socket")
     assert not sim.sentinel.exists(), "ready before the startup delay"
     sim.wait_ready()
-    assert time.monotonic() - sim.started_at >= 1.0
+    assert time.monotonic() - sim.started_at >= 2.0
 
 
 def test_sim_exit_before_ready_exits_with_that_code_and_says_why(sim: Sim) -> None:
