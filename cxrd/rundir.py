@@ -117,6 +117,8 @@ def tail_text(path: Path, *, start: int = 0, max_bytes: int = 4096, max_lines: i
     try:
         with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
+            if start > size:
+                start = 0  # truncated since (isaacteleop's run() reopens it with "w")
             f.seek(max(start, size - max_bytes))
             data = f.read()
     except OSError:
