@@ -1,0 +1,339 @@
+#!/usr/bin/env python3
+"""Round-trip latency and throughput: direct, through cxrd's proxy, through isaacteleop's.
+
+One run, side by side, so the three share the machine's state: a backend echo
+server in its own process, each proxy in its own process, and the clients in
+another. For 1 and 8 clients, each client sends a message and waits for its
+echo, again and again; rounds alternate between targets. Prints JSON with
+p50/p99 round trip (µs) and round trips per second, the latency each proxy
+adds over direct, the share of direct throughput it keeps, and whether cxrd
+meets the targets of issue 3 (at most half isaacteleop's added latency, at
+least twice its 8-client throughput).
+
+    .venv/bin/python bench/proxy_relay.py [--seconds 2.5] [--rounds 2] [--size 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+CLIENT_COUNTS = (1, 8)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Roles run in child processes --------------------------------------------------
+
+
+async def backend_role(port: int) -> None:
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def echo(ws: ServerConnection) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    async with serve(echo, "127.0.0.1", port, compression=None, max_size=None):
+        print("READY", flush=True)
+        await asyncio.Future()
+
+
+async def isaacteleop_role(port: int, backend_port: int) -> None:
+    from isaacteleop.cloudxr import wss  # installed in the venv; reads CXR_INSTALL_DIR
+
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
+    await wss.run(
+        None,
+        stop,
+        backend_host="127.0.0.1",
+        backend_port=backend_port,
+        proxy_port=port,
+        on_listening=lambda: print("READY", flush=True),
+    )
+
+
+async def splice_role(port: int, backend_port: int) -> None:
+    """A bare TCP forwarder (no TLS, no parsing): the floor of any user-space hop here."""
+    loop = asyncio.get_running_loop()
+
+    class Leg(asyncio.Protocol):
+        peer: asyncio.Transport | None = None
+        early: bytes = b""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            if self.peer is None:
+                self.early += data
+            else:
+                self.peer.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.peer is not None:
+                self.peer.close()
+
+    class Front(Leg):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self.opening = loop.create_task(self.open())
+
+        async def open(self) -> None:
+            back = Leg()
+            back.peer = self.transport  # type: ignore[assignment]
+            bt, _ = await loop.create_connection(lambda: back, "127.0.0.1", backend_port)
+            self.peer = bt
+            if self.early:
+                bt.write(self.early)
+
+    await loop.create_server(Front, "127.0.0.1", port)
+    print("READY", flush=True)
+    await asyncio.Future()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def one_client(url: str, payload: str, until: float, samples: list[int]) -> None:
+    from websockets.asyncio.client import connect
+
+    context = None
+    if url.startswith("wss:"):
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    async with connect(url, ssl=context, compression=None, max_size=None) as ws:
+        for _ in range(20):  # warm up
+            await ws.send(payload)
+            await ws.recv()
+        clock = time.perf_counter_ns
+        while time.monotonic() < until:
+            start = clock()
+            await ws.send(payload)
+            await ws.recv()
+            samples.append(clock() - start)
+
+
+async def clients_role(
+    targets: dict[str, str], pids: dict[str, int], seconds: float, rounds: int, size: int
+) -> None:
+    payload = ('{"type":"signal","data":"' + "x" * size)[: size - 2] + '"}'
+    samples: dict[tuple[str, int], list[int]] = {(t, n): [] for t in targets for n in CLIENT_COUNTS}
+    elapsed: dict[tuple[str, int], float] = dict.fromkeys(samples, 0.0)
+    cpu: dict[tuple[str, int], float] = dict.fromkeys(samples, 0.0)
+    backend_cpu: dict[tuple[str, int], float] = dict.fromkeys(samples, 0.0)
+    client_cpu: dict[tuple[str, int], float] = dict.fromkeys(samples, 0.0)
+    for _ in range(rounds):
+        for name, url in targets.items():
+            for count in CLIENT_COUNTS:
+                bucket: list[int] = []
+                cpu_before = cpu_seconds(pids[name]) if name in pids else 0.0
+                backend_before = cpu_seconds(pids["backend"])
+                own_before = time.process_time()
+                start = time.monotonic()
+                until = start + seconds
+                await asyncio.gather(
+                    *(one_client(url, payload, until, bucket) for _ in range(count))
+                )
+                elapsed[name, count] += time.monotonic() - start
+                if name in pids:
+                    cpu[name, count] += cpu_seconds(pids[name]) - cpu_before
+                backend_cpu[name, count] += cpu_seconds(pids["backend"]) - backend_before
+                client_cpu[name, count] += time.process_time() - own_before
+                samples[name, count].extend(bucket)
+    result: dict[str, Any] = {}
+    for (name, count), values in samples.items():
+        values.sort()
+        result.setdefault(name, {})[f"{count}_clients"] = {
+            "round_trips": len(values),
+            "p50_us": round(statistics.median(values) / 1000, 1),
+            "p99_us": round(values[int(len(values) * 0.99) - 1] / 1000, 1),
+            "msgs_per_s": round(len(values) / elapsed[name, count]),
+        }
+        # CPU per round trip of each process (warm-up round trips included: an upper bound).
+        entry = result[name][f"{count}_clients"]
+        per_trip = 1e6 / len(values)
+        if name in pids:
+            entry["proxy_cpu_us_per_round_trip"] = round(cpu[name, count] * per_trip, 1)
+        entry["client_cpu_us_per_round_trip"] = round(client_cpu[name, count] * per_trip, 1)
+        entry["backend_cpu_us_per_round_trip"] = round(backend_cpu[name, count] * per_trip, 1)
+    print(json.dumps(result), flush=True)
+
+
+# Orchestration -------------------------------------------------------------------
+
+
+def start(
+    argv: list[str], env: dict[str, str] | None = None, **kwargs: Any
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, **kwargs
+    )
+
+
+def wait_ready(proc: subprocess.Popen[str], what: str) -> None:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the child prints READY once it listens
+    if line.strip() != "READY":
+        raise SystemExit(f"{what} did not start (got {line!r})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    roles = ("main", "backend", "isaacteleop", "splice", "clients")
+    parser.add_argument("--role", choices=roles, default="main")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--backend-port", type=int)
+    parser.add_argument("--targets")
+    parser.add_argument("--pids")
+    parser.add_argument("--seconds", type=float, default=1.5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=200, help="message size in bytes")
+    args = parser.parse_args()
+    if args.role == "backend":
+        asyncio.run(backend_role(args.port))
+        return
+    if args.role == "isaacteleop":
+        asyncio.run(isaacteleop_role(args.port, args.backend_port))
+        return
+    if args.role == "splice":
+        asyncio.run(splice_role(args.port, args.backend_port))
+        return
+    if args.role == "clients":
+        targets, pids = json.loads(args.targets), json.loads(args.pids)
+        asyncio.run(clients_role(targets, pids, args.seconds, args.rounds, args.size))
+        return
+
+    from cxrd.proxy.certs import ensure_certificate
+
+    py = sys.executable
+    procs: list[subprocess.Popen[str]] = []
+    with tempfile.TemporaryDirectory(prefix="cxrd-bench-") as tmp:
+        try:
+            cert, key = ensure_certificate(Path(tmp) / "certs")
+            backend_port, cxrd_port, teleop_port, splice_port = (free_port() for _ in range(4))
+            backend = start([py, str(HERE), "--role", "backend", "--port", str(backend_port)])
+            procs.append(backend)
+            wait_ready(backend, "backend")
+
+            ready_r, ready_w = os.pipe()
+            cxrd = subprocess.Popen(
+                [py, "-m", "cxrd.proxy", "--host", "127.0.0.1", "--port", str(cxrd_port),
+                 "--backend-port", str(backend_port), "--cert", str(cert), "--key", str(key),
+                 "--log", str(Path(tmp) / "wss.log"), "--ready-fd", str(ready_w)],
+                pass_fds=(ready_w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            procs.append(cxrd)  # type: ignore[arg-type]
+            os.close(ready_w)
+            with os.fdopen(ready_r, "rb") as ready:
+                if ready.read() != b"READY\n":
+                    raise SystemExit("cxrd proxy did not start")
+
+            env = {**os.environ, "CXR_INSTALL_DIR": str(Path(tmp) / "isaacteleop")}
+            teleop = start(
+                [py, str(HERE), "--role", "isaacteleop", "--port", str(teleop_port),
+                 "--backend-port", str(backend_port)],
+                env=env,
+            )  # fmt: skip
+            procs.append(teleop)
+            wait_ready(teleop, "isaacteleop proxy")
+
+            splice = start(
+                [py, str(HERE), "--role", "splice", "--port", str(splice_port),
+                 "--backend-port", str(backend_port)],
+            )  # fmt: skip
+            procs.append(splice)
+            wait_ready(splice, "tcp splice")
+
+            targets = {
+                "direct": f"ws://127.0.0.1:{backend_port}/",
+                "tcp_splice": f"ws://127.0.0.1:{splice_port}/",
+                "cxrd": f"wss://127.0.0.1:{cxrd_port}/",
+                "isaacteleop": f"wss://127.0.0.1:{teleop_port}/",
+            }
+            pids = {
+                "backend": backend.pid,
+                "tcp_splice": splice.pid,
+                "cxrd": cxrd.pid,
+                "isaacteleop": teleop.pid,
+            }
+            clients = subprocess.run(
+                [py, str(HERE), "--role", "clients", "--targets", json.dumps(targets),
+                 "--pids", json.dumps(pids),
+                 "--seconds", str(args.seconds), "--rounds", str(args.rounds),
+                 "--size", str(args.size)],
+                capture_output=True, text=True, timeout=600, check=True,
+            )  # fmt: skip
+            results = json.loads(clients.stdout)
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    print(json.dumps(summarize(results, args), indent=2))
+
+
+def summarize(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    direct = results["direct"]
+    derived: dict[str, Any] = {}
+    for name in ("tcp_splice", "cxrd", "isaacteleop"):
+        one, eight = results[name]["1_clients"], results[name]["8_clients"]
+        derived[name] = {
+            "added_p50_us_1_client": round(one["p50_us"] - direct["1_clients"]["p50_us"], 1),
+            "throughput_kept_8_clients": round(
+                eight["msgs_per_s"] / direct["8_clients"]["msgs_per_s"], 3
+            ),
+        }
+    cx, it = derived["cxrd"], derived["isaacteleop"]
+    return {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "message_bytes": args.size,
+        "seconds_per_run": args.seconds,
+        "rounds": args.rounds,
+        "results": results,
+        "vs_direct": derived,
+        "targets": {
+            "added_latency_ratio_cxrd_over_isaacteleop": round(
+                cx["added_p50_us_1_client"] / it["added_p50_us_1_client"], 3
+            ),
+            "throughput_ratio_8_clients_cxrd_over_isaacteleop": round(
+                results["cxrd"]["8_clients"]["msgs_per_s"]
+                / results["isaacteleop"]["8_clients"]["msgs_per_s"],
+                3,
+            ),
+            "latency_target_met": cx["added_p50_us_1_client"] <= 0.5 * it["added_p50_us_1_client"],
+            "throughput_target_met": results["cxrd"]["8_clients"]["msgs_per_s"]
+            >= 2 * results["isaacteleop"]["8_clients"]["msgs_per_s"],
+        },
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The proxy's TLS certificate: generate a self-signed pair once, validate any pair.
+
+Headset browsers are sent to the proxy's page to accept a self-signed
+certificate, so the generated one carries the names and addresses a headset
+may use for this host. Every problem is a StartFailed naming the file, never a
+traceback; nothing existing is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import itertools
+import os
+import socket
+import ssl
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from cxrd import constants as C
+from cxrd.errors import StartFailed
+
+VALID_DAYS = 365
+KEY_BITS = 2048
+COMMON_NAME = "localhost"
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    not_before: dt.datetime
+    not_after: dt.datetime
+    subject: str
+    sans: tuple[str, ...]
+
+
+def ensure_certificate(certs_dir: Path) -> tuple[Path, Path]:
+    """(cert, key) in ``certs_dir``: reused when valid, generated when both are absent."""
+    cert = certs_dir / C.CERT_FILE
+    key = certs_dir / C.KEY_FILE
+    have_cert, have_key = cert.exists(), key.exists()
+    if have_cert and have_key:
+        validate_pair(cert, key)
+        return cert, key
+    if have_cert or have_key:
+        present, missing = (cert, key) if have_cert else (key, cert)
+        raise StartFailed(
+            f"{missing}: missing, but {present.name} is there; restore {missing.name}, "
+            f"or remove {present} to have a new pair generated"
+        )
+    try:
+        certs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        why = _why(exc)
+        raise StartFailed(f"{certs_dir}: cannot create the certificate directory: {why}") from None
+    generate_pair(cert, key)
+    return cert, key
+
+
+def generate_pair(cert: Path, key: Path, *, days: int = VALID_DAYS) -> None:
+    """Write a new self-signed RSA pair; the key is 0600 from its creation, never replaced."""
+    private = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, COMMON_NAME)])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(_host_names()), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(private, hashes.SHA256())
+    )
+    key_pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(key, flags, stat.S_IRUSR | stat.S_IWUSR)
+    except OSError as exc:
+        raise StartFailed(f"{key}: cannot create the private key: {_why(exc)}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(key_pem)
+        partial = cert.with_name(cert.name + ".partial")
+        partial.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        partial.replace(cert)
+    except OSError as exc:
+        key.unlink(missing_ok=True)
+        raise StartFailed(f"{cert}: cannot write the certificate: {_why(exc)}") from None
+
+
+def validate_pair(cert: Path, key: Path) -> CertInfo:
+    """Check that the pair is readable, parseable, matching and current."""
+    cert_pem = _read(cert, "certificate")
+    key_pem = _read(key, "private key")
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise StartFailed(f"{cert}: not a PEM certificate") from None
+    try:
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise StartFailed(f"{key}: the private key is encrypted; cxrd needs it plain") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise StartFailed(f"{key}: not a PEM private key") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(*spki) != certificate.public_key().public_bytes(*spki):
+        raise StartFailed(f"{key}: this private key does not belong to the certificate {cert}")
+    now = dt.datetime.now(dt.UTC)
+    not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    if not_after <= now:
+        raise StartFailed(f"{cert}: the certificate expired on {not_after:%Y-%m-%d %H:%M} UTC")
+    if not_before > now:
+        when = f"{not_before:%Y-%m-%d %H:%M} UTC"
+        raise StartFailed(f"{cert}: the certificate is not valid before {when}")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise StartFailed(f"{cert}: TLS cannot use this pair: {exc}") from None
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = tuple(str(name.value) for name in san)
+    except x509.ExtensionNotFound:
+        sans = ()
+    return CertInfo(not_before, not_after, certificate.subject.rfc4514_string(), sans)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise StartFailed(f"{path}: cannot read the {what}: {_why(exc)}") from None
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _host_names() -> list[x509.GeneralName]:
+    """localhost, loopback and this host's names and addresses, as SAN entries."""
+    dns = ["localhost"]
+    for name in (socket.gethostname(), socket.getfqdn()):
+        if name and name not in dns and not _is_ip(name):
+            dns.append(name)
+    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    ]
+    for address in _local_addresses():
+        if address not in addresses:
+            addresses.append(address)
+    return [*(x509.DNSName(n) for n in dns), *(x509.IPAddress(a) for a in addresses)]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _local_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """This host's unicast addresses, from /proc (no extra packages, no traffic)."""
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    try:
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+    except OSError:
+        lines = []
+    for previous, line in itertools.pairwise(lines):
+        if line.strip() == "/32 host LOCAL":
+            text = previous.strip().removeprefix("|-- ")
+            try:
+                found.append(ipaddress.IPv4Address(text))
+            except ValueError:
+                continue
+    try:
+        rows = Path("/proc/net/if_inet6").read_text().splitlines()
+    except OSError:
+        rows = []
+    for row in rows:
+        fields = row.split()
+        if len(fields) >= 4 and fields[3] == "00":  # global scope only
+            try:
+                found.append(ipaddress.IPv6Address(int(fields[0], 16)))
+            except ValueError:
+                continue
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_STREAM):
+            found.append(ipaddress.ip_address(info[4][0]))
+    except (OSError, ValueError):
+        pass
+    unique: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for address in found:
+        if address not in unique and not address.is_unspecified and not address.is_link_local:
+            unique.append(address)
+    return unique

@@ -1,0 +1,119 @@
+"""What the supervisor needs to run the proxy: a checked certificate, a held socket, a spec.
+
+The daemon binds the proxy's port itself (a taken port is a start error with
+the holder named, before any child runs) and keeps the listening socket for
+its whole life: each proxy process inherits it with ``--listen-fd``, so a
+proxy restart loses no port and clients queue in the kernel meanwhile. The
+proxy reports that it serves by writing ``READY`` to the pipe the supervisor
+passes to :meth:`ProxyLaunch.spec`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxrd import constants as C
+from cxrd.config import Config, ProxyConfig
+from cxrd.errors import StartFailed
+from cxrd.ports import bind_listener
+from cxrd.process import ChildSpec
+from cxrd.proxy.certs import ensure_certificate, validate_pair
+
+PROXY_STDERR_LOG = "wss.stderr.log"  # the proxy's own tracebacks, if any; wss.log is its log
+BACKEND_HOST = "127.0.0.1"
+
+
+@dataclass
+class ProxyLaunch:
+    listener: socket.socket  # bound and listening; held by the daemon for its life
+    url: str  # what headsets open: wss://<host>:<port>/
+    port: int
+    log_path: Path  # <install>/logs/wss.log, appended
+    cert: Path
+    key: Path
+    settings: ProxyConfig = field(default_factory=ProxyConfig)
+
+    def spec(self, ready_fd: int) -> ChildSpec:
+        """The proxy child: inherits the listener and ``ready_fd``, writes READY to it."""
+        fd = self.listener.fileno()
+        s = self.settings
+        argv = (
+            sys.executable,
+            "-m",
+            "cxrd.proxy",
+            "--listen-fd",
+            str(fd),
+            "--ready-fd",
+            str(ready_fd),
+            "--parent-pid",
+            str(os.getpid()),
+            "--backend-host",
+            BACKEND_HOST,
+            "--backend-port",
+            str(s.backend_port),
+            "--cert",
+            str(self.cert),
+            "--key",
+            str(self.key),
+            "--log",
+            str(self.log_path),
+            "--max-message-size",
+            str(s.max_message_size),
+            "--max-connections",
+            str(s.max_connections),
+            "--ping-interval",
+            repr(s.ping_interval),
+            "--ping-timeout",
+            repr(s.ping_timeout),
+        )
+        return ChildSpec(
+            name="proxy",
+            argv=argv,
+            env=dict(os.environ),
+            stderr=self.log_path.with_name(PROXY_STDERR_LOG),
+            pass_fds=(fd, ready_fd),
+        )
+
+    def close(self) -> None:
+        """Release the port (the daemon is stopping, or the proxy's settings changed)."""
+        self.listener.close()
+
+
+def prepare_proxy(config: Config) -> ProxyLaunch:
+    """Check or make the certificate, then bind the port; StartFailed names what is wrong."""
+    settings = config.proxy
+    if settings.cert is not None and settings.key is not None:
+        cert = Path(settings.cert).expanduser().absolute()
+        key = Path(settings.key).expanduser().absolute()
+        validate_pair(cert, key)
+    else:
+        cert, key = ensure_certificate(config.certs_dir)
+    logs = config.logs_dir
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartFailed(f"{logs}: cannot create the log directory: {exc.strerror}") from None
+    listener = bind_listener(settings.host, settings.port)
+    port = int(listener.getsockname()[1])
+    return ProxyLaunch(
+        listener=listener,
+        url=proxy_url(settings.host, port),
+        port=port,
+        log_path=logs / C.PROXY_LOG,
+        cert=cert,
+        key=key,
+        settings=settings,
+    )
+
+
+def proxy_url(host: str, port: int) -> str:
+    """The URL a headset opens: this host's name when listening on every address."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname() or "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"wss://{host}:{port}/"

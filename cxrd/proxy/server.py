@@ -1,0 +1,483 @@
+"""The WSS proxy server: TLS listener, HTTP side, WebSocket handshakes on both legs.
+
+TLS is terminated by :mod:`cxrd.proxy.tls`. WebSocket handshakes use
+websockets' sans-I/O protocols (``ServerProtocol`` toward the
+client, ``ClientProtocol`` toward the backend) so that they are validated the
+way the library does it; the backend handshake happens *before* the client is
+answered, so the backend's chosen subprotocol goes back to the client. Once
+both legs are open, :mod:`cxrd.proxy.relay` splices them frame by frame: the
+relay never decodes, copies or re-encodes a message, which is what makes it
+fast on a small machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from websockets.client import ClientProtocol
+from websockets.headers import parse_subprotocol
+from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
+
+from cxrd.ports import LISTEN_BACKLOG
+from cxrd.proxy import frames as F
+from cxrd.proxy import http
+from cxrd.proxy.relay import Session
+from cxrd.proxy.tls import TlsServer
+
+log = logging.getLogger("cxrd.proxy")
+
+MAX_HEAD = 16 * 1024  # request/response head, like common HTTP servers
+HEALTH_PROBE_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True)
+class ProxyOptions:
+    backend_host: str = "127.0.0.1"
+    backend_port: int = 49100
+    max_message_size: int = 4 * 1024 * 1024
+    max_connections: int = 64
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    open_timeout: float = 10.0  # TLS handshake + request head; backend connect + handshake
+    close_timeout: float = 5.0
+
+    @property
+    def backend_url(self) -> str:
+        host = f"[{self.backend_host}]" if ":" in self.backend_host else self.backend_host
+        return f"ws://{host}:{self.backend_port}"
+
+
+def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class BackendRejected(Exception):
+    """The backend answered the WebSocket handshake with something other than 101."""
+
+
+class ProxyServer:
+    """Serves one listening socket until :meth:`close`; ``stop()``/``wait_closed()`` twins."""
+
+    def __init__(self, sock: socket.socket, tls: ssl.SSLContext, options: ProxyOptions) -> None:
+        self.sock = sock
+        self.tls = tls
+        self.options = options
+        self.sessions: set[Session] = set()
+        self.connecting = 0
+        self.started = time.monotonic()
+        self._conns: set[ClientConn] = set()
+        self._server: asyncio.Server | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def serve(self, on_listening: Callable[[], None] | None = None) -> None:
+        """Accept until :meth:`close`, then close every connection with 1001 and return."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            self._server = await loop.create_server(
+                lambda: TlsServer(self.tls, lambda: ClientConn(self), self.options.open_timeout),
+                sock=self.sock,
+                backlog=LISTEN_BACKLOG,
+            )
+            log.info(
+                "listening on %s, relaying to %s (pid %d)",
+                _format_address(self.sock.getsockname()),
+                self.options.backend_url,
+                os.getpid(),
+            )
+            if on_listening is not None:
+                on_listening()
+            await self._stop.wait()
+            await self._shut_down()
+
+    def close(self) -> None:
+        """Stop serving; idempotent. :meth:`serve` returns once connections are closed."""
+        self._stop.set()
+
+    async def _shut_down(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for conn in list(self._conns):
+            conn.abandon()
+        for session in list(self.sessions):
+            session.fail(F.CLOSE_GOING_AWAY, "proxy shutting down")
+        try:
+            async with asyncio.timeout(self.options.close_timeout + 1.0):
+                await self._idle.wait()
+        except TimeoutError:
+            for session in list(self.sessions):
+                for transport in (session.client, session.backend):
+                    if transport is not None:
+                        transport.abort()
+        log.info("stopped")
+
+    # Bookkeeping used by connections ------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return len(self.sessions) + self.connecting >= self.options.max_connections
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+        if self._tasks is None or self._stop.is_set():
+            coro.close()
+            return None
+        return self._tasks.create_task(coro)
+
+    def add_session(self, session: Session) -> None:
+        self.sessions.add(session)
+        self._idle.clear()
+
+    def session_done(self, session: Session) -> None:
+        self.sessions.discard(session)
+        log.info("%s", session.summary())
+        if not self.sessions:
+            self._idle.set()
+
+    def health(self, reachable: bool) -> dict[str, object]:
+        return {
+            "backend_reachable": reachable,
+            "backend": self.options.backend_url,
+            "connections": len(self.sessions),
+            "max_connections": self.options.max_connections,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "pid": os.getpid(),
+        }
+
+
+class ClientConn(asyncio.Protocol):
+    """A client's connection until its request is answered or its relay starts."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.head = bytearray()
+        self.extra = bytearray()  # bytes a client sent before the 101 (it should not)
+        self.request: Request | None = None
+        self.response: Response | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.answered = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = _format_address(transport.get_extra_info("peername"))
+        server = self.server
+        if len(server._conns) >= 4 * server.options.max_connections + 64:
+            transport.abort()
+            return
+        server._conns.add(self)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(server.options.open_timeout, self._head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self.request is not None:
+            self.extra += data
+            if len(self.extra) > self.server.options.max_message_size + 65536:
+                self.abandon()
+            return
+        if self.answered:
+            return
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.head) > MAX_HEAD:
+                too_large = "Request Header Fields Too Large"
+                self._answer(http.error(431, too_large, "Request head too large."))
+            return
+        self.extra = self.head[end + 4 :]
+        self._dispatch(bytes(self.head[: end + 4]))
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._conns.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+
+    def abandon(self) -> None:
+        """Drop this connection (shutdown, or a client misbehaving before its relay)."""
+        if self.task is not None:
+            self.task.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        if self.request is None and not self.answered and self.transport is not None:
+            self.transport.abort()
+
+    # Requests ------------------------------------------------------------------
+
+    def _dispatch(self, head: bytes) -> None:
+        protocol = ServerProtocol(max_size=None)
+        protocol.receive_data(head)
+        events = protocol.events_received()
+        if not events or not isinstance(events[0], Request):
+            # Not HTTP: websockets wrote its own 4xx (or nothing) into data_to_send.
+            self._answer(b"".join(protocol.data_to_send()), note="malformed request")
+            return
+        request = events[0]
+        path = http.route_path(request)
+        if http.is_preflight(request):
+            self._answer(http.preflight(), request, 200)
+        elif http.is_upgrade(request):
+            self._upgrade(protocol, request)
+        elif request.method in ("GET", "HEAD"):
+            head_only = request.method == "HEAD"
+            if path == http.HEALTH_PATH:
+                self.answered = True
+                self.task = self.server.spawn(self._health(request, head_only))
+                if self.task is None:
+                    self.abandon()
+            else:
+                self._answer(http.cert_page(head_only=head_only), request, 200)
+        else:
+            self._answer(http.method_not_allowed(), request, 405)
+
+    def _answer(
+        self, data: bytes, request: Request | None = None, status: int = 0, note: str = ""
+    ) -> None:
+        self.answered = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        assert self.transport is not None
+        if not self.transport.is_closing():
+            self.transport.write(data)
+            self.transport.close()
+        if request is not None:
+            log.info(
+                "client=%s http %s path=%r status=%d",
+                self.peer,
+                request.method,
+                http.route_path(request),
+                status,
+            )
+        elif note:
+            log.info("client=%s %s", self.peer, note)
+
+    async def _health(self, request: Request, head_only: bool) -> None:
+        options = self.server.options
+        loop = asyncio.get_running_loop()
+        reachable = False
+        try:
+            async with asyncio.timeout(HEALTH_PROBE_TIMEOUT):
+                probe, _ = await loop.create_connection(
+                    asyncio.Protocol, options.backend_host, options.backend_port
+                )
+            probe.close()
+            reachable = True
+        except (OSError, TimeoutError):
+            pass
+        self._answer(http.health(self.server.health(reachable), head_only=head_only), request, 200)
+
+    def _upgrade(self, protocol: ServerProtocol, request: Request) -> None:
+        response = protocol.accept(request)
+        if response.status_code != 101:
+            self._answer(response.serialize(), request, response.status_code)
+            return
+        if self.server.busy:
+            self._answer(http.busy(), request, 503)
+            return
+        if not request.path.startswith("/"):
+            self._answer(http.error(400, "Bad Request", "Bad request target."), request, 400)
+            return
+        self.request = request
+        self.response = response
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.server.connecting += 1
+        self.task = self.server.spawn(self._open_backend(request))
+        if self.task is None:
+            self.server.connecting -= 1
+            self.abandon()
+
+    async def _open_backend(self, request: Request) -> None:
+        options = self.server.options
+        loop = asyncio.get_running_loop()
+        backend: BackendConn | None = None
+        try:
+            try:
+                offered = [
+                    subprotocol
+                    for value in request.headers.get_all("Sec-WebSocket-Protocol")
+                    for subprotocol in parse_subprotocol(value)
+                ]
+                leg = backend = BackendConn(request, offered, options)
+                async with asyncio.timeout(options.open_timeout):
+                    await loop.create_connection(
+                        lambda: leg, options.backend_host, options.backend_port
+                    )
+                    subprotocol = await leg.handshake
+            except TimeoutError:
+                wait = options.open_timeout
+                self._refuse(F.CLOSE_TRY_AGAIN_LATER, f"backend did not answer within {wait:g} s")
+            except BackendRejected as exc:
+                self._refuse(F.CLOSE_INTERNAL_ERROR, f"backend rejected the handshake: {exc}")
+            except OSError as exc:
+                why = exc.strerror or str(exc) or type(exc).__name__
+                self._refuse(
+                    F.CLOSE_TRY_AGAIN_LATER, f"backend {options.backend_url} unreachable: {why}"
+                )
+            else:
+                if self._relay(backend, subprotocol, 0, ""):
+                    backend = None
+        finally:
+            self.server.connecting -= 1
+            if backend is not None:
+                backend.discard()
+
+    def _refuse(self, code: int, error: str) -> None:
+        self._relay(None, None, code, error)
+
+    def _relay(
+        self, backend: BackendConn | None, subprotocol: str | None, code: int, error: str
+    ) -> bool:
+        """Answer 101 and hand both transports to a relay Session (closing at once on ``code``).
+
+        False when the client is already gone (the backend leg is then not used).
+        """
+        client = self.transport
+        assert client is not None and self.request is not None and self.response is not None
+        if client.is_closing():
+            return False
+        options = self.server.options
+        response = self.response
+        if subprotocol:
+            response.headers["Sec-WebSocket-Protocol"] = subprotocol
+        for name, value in http.CORS_HEADERS.items():
+            response.headers[name] = value
+        session = Session(
+            client=client,
+            peer=self.peer,
+            path=http.route_path(self.request),
+            max_size=options.max_message_size,
+            close_timeout=options.close_timeout,
+            on_done=self.server.session_done,
+        )
+        self.server._conns.discard(self)
+        self.server.add_session(session)
+        self.task = None
+        client.write(response.serialize())
+        client.set_protocol(session.c2b)
+        if backend is None or backend.transport is None:
+            session.error = error
+            reason = "backend unavailable" if code == F.CLOSE_TRY_AGAIN_LATER else "backend error"
+            session.fail(code, reason)
+        else:
+            session.attach_backend(backend.transport)
+            backend.transport.set_protocol(session.b2c)
+            if backend.extra:
+                session.b2c.data_received(bytes(backend.extra))
+            if backend.lost is not None:
+                session.b2c.connection_lost(backend.lost[0])
+            if not session.done:
+                session.start_keepalive(options.ping_interval, options.ping_timeout)
+        if self.extra and not session.done:
+            session.c2b.data_received(bytes(self.extra))
+        return True
+
+
+class BackendConn(asyncio.Protocol):
+    """The backend leg until its handshake completes."""
+
+    def __init__(
+        self, request: Request, offered: Sequence[Subprotocol], options: ProxyOptions
+    ) -> None:
+        self.protocol = ClientProtocol(
+            parse_uri(f"{options.backend_url}/"), subprotocols=offered or None, max_size=None
+        )
+        ours = self.protocol.connect()
+        headers = ours.headers
+        for name, value in http.end_to_end_headers(request):
+            headers[name] = value
+        self.protocol.send_request(Request(request.path, headers))
+        self.request_bytes = b"".join(self.protocol.data_to_send())
+        self.handshake: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.extra = bytearray()
+        self.lost: tuple[Exception | None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.request_bytes)
+
+    def data_received(self, data: bytes) -> None:
+        if self.handshake.done():
+            self.extra += data
+            return
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > MAX_HEAD:
+                self._reject("response head too large")
+            return
+        head = bytes(self.buffer[: end + 4])
+        self.extra = self.buffer[end + 4 :]
+        status = head.split(b"\r\n", 1)[0].decode("latin-1")
+        if not head.startswith(b"HTTP/1.1 101 "):
+            self._reject(status)
+            return
+        self.protocol.receive_data(head)
+        self.protocol.events_received()
+        if self.protocol.handshake_exc is not None:
+            self._reject(str(self.protocol.handshake_exc))
+            return
+        self.handshake.set_result(self.protocol.subprotocol)
+
+    def discard(self) -> None:
+        """Abort this leg (unused); consumes a failed handshake so nothing warns about it."""
+        if self.transport is not None:
+            self.transport.abort()
+        if self.handshake.done() and not self.handshake.cancelled():
+            self.handshake.exception()
+        else:
+            self.handshake.cancel()
+
+    def _reject(self, why: str) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(BackendRejected(why))
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = (exc,)
+        if not self.handshake.done():
+            closed = ConnectionResetError("backend closed the connection")
+            self.handshake.set_exception(exc or closed)
+
+
+def _format_address(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
