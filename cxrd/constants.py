@@ -12,6 +12,7 @@ OBJECT_PATH: Final = "/io/github/cxrd/Daemon1"
 INTERFACE: Final = "io.github.cxrd.Daemon1"
 ERROR_PREFIX: Final = "io.github.cxrd.Error."
 INTERFACE_VERSION: Final = 1
+INTROSPECTION_XML: Final = f"{INTERFACE}.xml"  # dbus/ and cxrd/data/
 
 # systemd names (DESIGN §6).
 UNIT_NAME: Final = "cloudxr.service"

@@ -1,0 +1,199 @@
+"""The wire form of a :class:`~cxrd.status.Snapshot`, both ways. Pure: no I/O.
+
+The daemon's adapter turns a snapshot into ``Status()``'s ``a{sv}`` and into
+property values; the client turns ``a{sv}`` back into a snapshot. Keys are
+only ever added, and the reader ignores keys it does not know and fills
+missing ones with defaults, so an older client reads a newer daemon.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from dbus_fast import Variant
+
+from cxrd.errors import InvalidArgs
+from cxrd.state import State
+from cxrd.status import Lease, ProxyStatus, RuntimeStatus, Snapshot
+
+LEASE_SIGNATURE = "(ssusd)"
+LEASES_SIGNATURE = "a" + LEASE_SIGNATURE
+
+# Property name -> D-Bus signature, in the order of the introspection XML.
+PROPERTY_SIGNATURES: dict[str, str] = {
+    "State": "s",
+    "RuntimePid": "u",
+    "ProxyPid": "u",
+    "ProxyUrl": "s",
+    "DeviceProfile": "s",
+    "Environment": "a{ss}",
+    "EnvFile": "s",
+    "LastError": "s",
+    "Restarts": "u",
+    "Leases": LEASES_SIGNATURE,
+    "Version": "s",
+    "InterfaceVersion": "u",
+}
+
+# Start()/Restart() options: key -> signature.
+START_OPTIONS: dict[str, str] = {"timeout": "d", "device_profile": "s"}
+
+_U32_MAX = 2**32 - 1
+
+
+def _u32(value: int) -> int:
+    return min(max(int(value), 0), _U32_MAX)
+
+
+def lease_to_wire(lease: Lease) -> list[Any]:
+    return [lease.id, lease.holder, _u32(lease.pid), lease.reason, float(lease.since)]
+
+
+def lease_from_wire(value: Any) -> Lease:
+    lease_id, holder, pid, reason, since = value
+    return Lease(id=lease_id, holder=holder, pid=int(pid), reason=reason, since=float(since))
+
+
+def property_values(snap: Snapshot) -> dict[str, Any]:
+    """Every property's value (plain Python, typed as PROPERTY_SIGNATURES says)."""
+    return {
+        "State": str(snap.state),
+        "RuntimePid": _u32(snap.runtime.pid),
+        "ProxyPid": _u32(snap.proxy.pid),
+        "ProxyUrl": snap.proxy.url,
+        "DeviceProfile": snap.device_profile,
+        "Environment": dict(snap.environment),
+        "EnvFile": snap.env_file,
+        "LastError": snap.last_error,
+        "Restarts": _u32(snap.runtime.restarts),
+        "Leases": [lease_to_wire(lease) for lease in snap.leases],
+        "Version": snap.version,
+        "InterfaceVersion": _u32(snap.interface_version),
+    }
+
+
+def snapshot_to_wire(snap: Snapshot) -> dict[str, Variant]:
+    """``Status()``'s reply."""
+    runtime = {
+        "pid": Variant("u", _u32(snap.runtime.pid)),
+        "started_at": Variant("d", float(snap.runtime.started_at)),
+        "restarts": Variant("u", _u32(snap.runtime.restarts)),
+        "last_exit": Variant("s", snap.runtime.last_exit),
+    }
+    proxy = {
+        "pid": Variant("u", _u32(snap.proxy.pid)),
+        "port": Variant("u", _u32(snap.proxy.port)),
+        "url": Variant("s", snap.proxy.url),
+        "restarts": Variant("u", _u32(snap.proxy.restarts)),
+        "last_exit": Variant("s", snap.proxy.last_exit),
+    }
+    return {
+        "state": Variant("s", str(snap.state)),
+        "backend": Variant("s", snap.backend),
+        "runtime": Variant("a{sv}", runtime),
+        "proxy": Variant("a{sv}", proxy),
+        "device_profile": Variant("s", snap.device_profile),
+        "environment": Variant("a{ss}", dict(snap.environment)),
+        "env_file": Variant("s", snap.env_file),
+        "logs": Variant("a{ss}", dict(snap.logs)),
+        "install_dir": Variant("s", snap.install_dir),
+        "uptime": Variant("d", float(snap.uptime)),
+        "last_error": Variant("s", snap.last_error),
+        "version": Variant("s", snap.version),
+        "interface_version": Variant("u", _u32(snap.interface_version)),
+        "leases": Variant(LEASES_SIGNATURE, [lease_to_wire(lease) for lease in snap.leases]),
+    }
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Variant) else value
+
+
+def _get(data: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = _plain(data.get(key, default))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value if isinstance(value, kind) else default
+
+
+def snapshot_from_wire(data: Mapping[str, Any]) -> Snapshot:
+    """The client's reading of ``Status()``; tolerant of added and missing keys."""
+    runtime = _get(data, "runtime", dict, {})
+    proxy = _get(data, "proxy", dict, {})
+    state_text = _get(data, "state", str, "stopped")
+    try:
+        state = State(state_text)
+    except ValueError:
+        state = State.FAILED
+    return Snapshot(
+        state=state,
+        backend=_get(data, "backend", str, ""),
+        runtime=RuntimeStatus(
+            pid=_get(runtime, "pid", int, 0),
+            started_at=_get(runtime, "started_at", float, 0.0),
+            restarts=_get(runtime, "restarts", int, 0),
+            last_exit=_get(runtime, "last_exit", str, ""),
+        ),
+        proxy=ProxyStatus(
+            pid=_get(proxy, "pid", int, 0),
+            port=_get(proxy, "port", int, 0),
+            url=_get(proxy, "url", str, ""),
+            restarts=_get(proxy, "restarts", int, 0),
+            last_exit=_get(proxy, "last_exit", str, ""),
+        ),
+        device_profile=_get(data, "device_profile", str, ""),
+        environment=dict(_get(data, "environment", dict, {})),
+        env_file=_get(data, "env_file", str, ""),
+        logs=dict(_get(data, "logs", dict, {})),
+        install_dir=_get(data, "install_dir", str, ""),
+        uptime=_get(data, "uptime", float, 0.0),
+        last_error=_get(data, "last_error", str, ""),
+        version=_get(data, "version", str, ""),
+        interface_version=_get(data, "interface_version", int, 0),
+        leases=tuple(lease_from_wire(item) for item in _get(data, "leases", list, [])),
+    )
+
+
+def parse_start_options(options: Mapping[str, Any]) -> tuple[float | None, str | None]:
+    """Check ``Start``/``Restart`` options; return (timeout, device_profile).
+
+    Unknown keys and wrong variant types are :class:`InvalidArgs` naming
+    every offender, so a caller fixes them all at once.
+    """
+    problems: list[str] = []
+    for key in sorted(options):
+        value = options[key]
+        expected = START_OPTIONS.get(key)
+        if expected is None:
+            problems.append(f"unknown option {key!r} (known: {', '.join(sorted(START_OPTIONS))})")
+            continue
+        signature = value.signature if isinstance(value, Variant) else "?"
+        if signature != expected:
+            problems.append(f"option {key!r} must have type {expected!r}, got {signature!r}")
+    if problems:
+        raise InvalidArgs("; ".join(problems))
+    timeout: float | None = None
+    profile: str | None = None
+    if "timeout" in options:
+        timeout = float(options["timeout"].value)
+        if not math.isfinite(timeout) or timeout <= 0:
+            raise InvalidArgs(
+                f"option 'timeout' must be a positive number of seconds, got {timeout}"
+            )
+    if "device_profile" in options:
+        profile = str(options["device_profile"].value)
+        if not profile:
+            raise InvalidArgs("option 'device_profile' must not be empty")
+    return timeout, profile
+
+
+def start_options(timeout: float | None, device_profile: str | None) -> dict[str, Variant]:
+    """The client's side of :func:`parse_start_options`."""
+    options: dict[str, Variant] = {}
+    if timeout is not None:
+        options["timeout"] = Variant("d", float(timeout))
+    if device_profile is not None:
+        options["device_profile"] = Variant("s", device_profile)
+    return options
