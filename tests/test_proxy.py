@@ -1,0 +1,620 @@
+"""The WSS proxy as a real process: real TLS, real websockets clients, real openssl.
+
+Each proxy runs as ``python -m cxrd.proxy`` in front of a websockets echo
+server that the test runs itself in a thread. The backend answers a few
+commands so that what it saw can be checked through the proxy:
+``whoami`` (path, subprotocol, headers), ``close CODE REASON``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import queue
+import re
+import select
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import TIMEOUT, free_port
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from cxrd.proxy.certs import ensure_certificate
+
+PY = sys.executable
+
+
+# The backend ---------------------------------------------------------------------------
+
+
+class Backend:
+    """A websockets echo server on its own loop in a thread; records the closes it receives."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._closes: dict[str, tuple[int | None, str | None]] = {}
+        self._closed = threading.Condition()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Future[None] | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Backend:
+        self._thread.start()
+        assert self._ready.wait(TIMEOUT), "backend did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop = self._stop
+        assert stop is not None
+        self._loop.call_soon_threadsafe(stop.set_result, None)
+        self._thread.join(TIMEOUT)
+
+    def close_of(self, path: str) -> tuple[int | None, str | None]:
+        """The close code and reason the backend received on its connection for ``path``."""
+        with self._closed:
+            assert self._closed.wait_for(lambda: path in self._closes, TIMEOUT), path
+            return self._closes[path]
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.get_running_loop().create_future()
+
+        def choose(conn: ServerConnection, offered: list[str]) -> str | None:
+            return "cxr-b" if "cxr-b" in offered else None
+
+        async with serve(
+            self._handler,
+            "127.0.0.1",
+            self.port,
+            select_subprotocol=choose,  # type: ignore[arg-type]
+            compression=None,
+            max_size=None,
+        ):
+            self._ready.set()
+            await self._stop
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        path = ws.request.path
+        try:
+            async for message in ws:
+                if message == "whoami":
+                    request = ws.request
+                    assert request is not None
+                    await ws.send(
+                        json.dumps(
+                            {
+                                "path": request.path,
+                                "subprotocol": ws.subprotocol,
+                                "headers": [[k.lower(), v] for k, v in request.headers.raw_items()],
+                            }
+                        )
+                    )
+                elif isinstance(message, str) and message.startswith("close "):
+                    _, code, reason = message.split(" ", 2)
+                    await ws.close(int(code), reason)
+                else:
+                    await ws.send(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            await ws.wait_closed()
+            with self._closed:
+                self._closes[path] = (ws.close_code, ws.close_reason)
+                self._closed.notify_all()
+
+
+# The proxy process -----------------------------------------------------------------------
+
+
+class Proxy:
+    """``python -m cxrd.proxy`` on a free port; stderr lines collected for the test."""
+
+    def __init__(self, certs: tuple[Path, Path], backend_port: int, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"wss://127.0.0.1:{self.port}"
+        cert, key = certs
+        ready_r, ready_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [
+                PY, "-m", "cxrd.proxy", "--host", "127.0.0.1", "--port", str(self.port),
+                "--backend-port", str(backend_port), "--cert", str(cert), "--key", str(key),
+                "--ready-fd", str(ready_w), *extra,
+            ],
+            pass_fds=(ready_w,),
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        os.close(ready_w)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+        try:
+            assert read_with_timeout(ready_r) == b"READY\n", "proxy did not report READY"
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            os.close(ready_r)
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+
+    def wait_line(self, pattern: str) -> str:
+        """The next stderr line matching ``pattern`` (a regex)."""
+        while True:
+            line = self.lines.get(timeout=TIMEOUT)
+            if re.search(pattern, line):
+                return line
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(TIMEOUT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._reader.join(TIMEOUT)
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
+
+
+def read_with_timeout(fd: int) -> bytes:
+    readable, _, _ = select.select([fd], [], [], TIMEOUT)
+    return os.read(fd, 64) if readable else b""
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return ensure_certificate(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Backend]:
+    with Backend() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def proxy(certs: tuple[Path, Path], backend: Backend) -> Iterator[Proxy]:
+    running = Proxy(certs, backend.port, "--max-message-size", "65536", "--max-connections", "60")
+    yield running
+    assert running.stop() == 0
+
+
+def client_tls(certs: tuple[Path, Path]) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(certs[0]))
+
+
+def run(coro: Any) -> Any:
+    async def bounded() -> Any:
+        async with asyncio.timeout(TIMEOUT * 3):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+def open_ws(proxy: Proxy, certs: tuple[Path, Path], path: str = "/", **kwargs: Any) -> Any:
+    return connect(proxy.url + path, ssl=client_tls(certs), compression=None, **kwargs)
+
+
+def fetch(
+    proxy: Proxy,
+    certs: tuple[Path, Path],
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One HTTPS request through a fresh connection: status, headers, body."""
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", proxy.port, context=client_tls(certs), timeout=TIMEOUT
+    )
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+# Relay ---------------------------------------------------------------------------------------
+
+
+def test_text_and_binary_messages_echo_through_the_proxy(proxy: Proxy, certs: Any) -> None:
+    async def scenario() -> None:
+        async with open_ws(proxy, certs) as ws:
+            await ws.send("héllo")
+            assert await ws.recv() == "héllo"
+            blob = bytes(range(256)) * 200  # several TLS records, one message
+            await ws.send(blob)
+            assert await ws.recv() == blob
+            await ws.send([b"frag", b"mented"])  # a fragmented message
+            assert await ws.recv() == b"fragmented"
+
+    run(scenario())
+
+
+def test_path_query_subprotocol_and_end_to_end_headers_reach_the_backend(
+    proxy: Proxy, certs: Any
+) -> None:
+    async def scenario() -> dict[str, Any]:
+        async with open_ws(
+            proxy,
+            certs,
+            "/sign/in?session=42&x=y",
+            subprotocols=["cxr-a", "cxr-b"],
+            additional_headers={"X-Teleop": "quest-3", "Origin": "https://headset.example"},
+            user_agent_header="HeadsetBrowser/1.0",
+        ) as ws:
+            assert ws.subprotocol == "cxr-b"  # the backend's choice comes back
+            await ws.send("whoami")
+            return json.loads(await ws.recv())  # type: ignore[no-any-return]
+
+    seen = run(scenario())
+    assert seen["path"] == "/sign/in?session=42&x=y"
+    assert seen["subprotocol"] == "cxr-b"
+    headers = dict(seen["headers"])
+    assert headers["x-teleop"] == "quest-3"
+    assert headers["origin"] == "https://headset.example"
+    assert headers["user-agent"] == "HeadsetBrowser/1.0"
+    assert headers["host"] == f"127.0.0.1:{proxy_backend_port(proxy)}"
+    names = [name for name, _ in seen["headers"]]
+    assert names.count("sec-websocket-key") == 1  # the backend leg's own, not the client's
+    assert "sec-websocket-extensions" not in names  # no compression on the backend leg
+
+
+def proxy_backend_port(proxy: Proxy) -> int:
+    argv = proxy.proc.args
+    assert isinstance(argv, list)
+    return int(argv[argv.index("--backend-port") + 1])
+
+
+def test_client_close_code_and_reason_reach_the_backend(
+    proxy: Proxy, backend: Backend, certs: Any
+) -> None:
+    async def scenario() -> None:
+        async with open_ws(proxy, certs, "/bye") as ws:
+            await ws.send("ping")
+            await ws.recv()
+            await ws.close(4001, "headset leaving")
+            assert ws.close_code == 4001
+
+    run(scenario())
+    assert backend.close_of("/bye") == (4001, "headset leaving")
+    line = proxy.wait_line(r"path='/bye'")
+    assert "close=4001" in line and "bytes_in=" in line and "duration=" in line
+
+
+def test_backend_close_code_and_reason_reach_the_client(proxy: Proxy, certs: Any) -> None:
+    async def scenario() -> tuple[int | None, str | None]:
+        async with open_ws(proxy, certs) as ws:
+            await ws.send("close 4002 runtime restarting")
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            return ws.close_code, ws.close_reason
+
+    assert run(scenario()) == (4002, "runtime restarting")
+
+
+def test_message_over_the_limit_is_closed_with_1009(
+    proxy: Proxy, backend: Backend, certs: Any
+) -> None:
+    async def scenario() -> int | None:
+        async with open_ws(proxy, certs, "/big", max_size=None) as ws:
+            await ws.send(b"x" * 65536)  # at the limit: passes
+            assert len(await ws.recv()) == 65536
+            await ws.send(b"x" * 65537)
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            return ws.close_code
+
+    assert run(scenario()) == 1009
+    code, _ = backend.close_of("/big")
+    assert code == 1001  # the backend is told the client went away, not the oversize data
+    assert "close=1009" in proxy.wait_line(r"path='/big'")
+
+
+def test_fifty_concurrent_clients_each_get_their_own_echoes(proxy: Proxy, certs: Any) -> None:
+    async def one(index: int) -> list[str]:
+        async with open_ws(proxy, certs, f"/c{index}") as ws:
+            got = []
+            for n in range(10):
+                await ws.send(f"{index}:{n}")
+                got.append(await ws.recv())
+            return got
+
+    async def scenario() -> list[list[str]]:
+        return await asyncio.gather(*(one(i) for i in range(50)))
+
+    results = run(scenario())
+    assert results == [[f"{i}:{n}" for n in range(10)] for i in range(50)]
+
+
+def test_tls_1_2_clients_are_served(proxy: Proxy, certs: Any) -> None:
+    context = client_tls(certs)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+
+    async def scenario() -> str:
+        async with connect(proxy.url + "/", ssl=context) as ws:
+            await ws.send("tls12")
+            return str(await ws.recv())
+
+    assert run(scenario()) == "tls12"
+
+
+# HTTP side -------------------------------------------------------------------------------
+
+
+def test_plain_get_answers_the_certificate_page_without_reflecting_input(
+    proxy: Proxy, certs: Any
+) -> None:
+    status, headers, raw = fetch(
+        proxy, certs, "GET", "/%3Cscript%3Ealert(1)%3C/script%3E?<b>x</b>", {"X-Evil": "<i>"}
+    )
+    body = raw.decode()
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/html")
+    assert "Certificate accepted" in body
+    for needle in ("script", "alert", "<b>", "<i>", "X-Evil", "x</b>"):
+        assert needle not in body
+
+
+def test_cors_preflight_is_answered(proxy: Proxy, certs: Any) -> None:
+    for method, headers in (
+        ("OPTIONS", {"Origin": "https://client.example"}),
+        ("GET", {"Access-Control-Request-Method": "GET"}),
+    ):
+        status, answer, _ = fetch(proxy, certs, method, "/sign", headers)
+        assert status == 200
+        assert answer["Access-Control-Allow-Origin"] == "*"
+        assert answer["Access-Control-Allow-Headers"] == "*"
+        assert answer["Access-Control-Allow-Methods"] == "GET, POST, PUT, DELETE, OPTIONS"
+        assert answer["Access-Control-Expose-Headers"] == "*"
+
+
+def test_healthz_says_the_backend_is_reachable(proxy: Proxy, certs: Any) -> None:
+    status, headers, body = fetch(proxy, certs, "GET", "/healthz")
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    report = json.loads(body)
+    assert report["backend_reachable"] is True
+    assert report["backend"].endswith(f":{proxy_backend_port(proxy)}")
+
+
+def test_openssl_s_client_sees_tls_1_2_or_later_and_the_generated_certificate(
+    proxy: Proxy, certs: tuple[Path, Path]
+) -> None:
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{proxy.port}", "-servername", "localhost",
+         "-CAfile", str(certs[0]), "-showcerts"],
+        input="", capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert re.search(r"New, TLSv1\.[23], Cipher is", out.stdout), out.stdout
+    assert "subject=CN = localhost" in out.stdout or "subject=CN=localhost" in out.stdout
+    assert "Verify return code: 0 (ok)" in out.stdout  # it is exactly our certificate
+    served = out.stdout.split("-----BEGIN CERTIFICATE-----")[1].split("-----END")[0]
+    assert "".join(served.split()) in "".join(certs[0].read_text().split())
+
+
+def test_tls_1_1_is_refused(proxy: Proxy) -> None:
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{proxy.port}", "-tls1_1",
+         "-cipher", "DEFAULT@SECLEVEL=0"],
+        input="", capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    if "no protocols available" in out.stderr or "unknown option" in out.stderr:
+        pytest.skip("the local openssl cannot even offer TLS 1.1")
+    assert out.returncode != 0
+    assert "alert protocol version" in out.stderr or "no peer certificate" in out.stdout
+
+
+# Failure and bounds, each with its own proxy ----------------------------------------------------
+
+
+def test_backend_down_closes_that_client_with_1013_and_the_proxy_keeps_serving(
+    certs: tuple[Path, Path],
+) -> None:
+    proxy = Proxy(certs, free_port())  # nothing listens on the backend port
+    try:
+
+        async def scenario() -> tuple[int | None, str | None]:
+            async with open_ws(proxy, certs, "/signal") as ws:
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+                return ws.close_code, ws.close_reason
+
+        assert run(scenario()) == (1013, "backend unavailable")
+        line = proxy.wait_line(r"path='/signal'")
+        assert "close=1013" in line and "unreachable" in line
+        _, _, body = fetch(proxy, certs, "GET", "/healthz")
+        assert json.loads(body)["backend_reachable"] is False
+        status, _, page = fetch(proxy, certs, "GET", "/")
+        assert status == 200 and b"Certificate accepted" in page
+        assert proxy.proc.poll() is None
+    finally:
+        assert proxy.stop() == 0
+
+
+def test_connections_over_the_limit_are_refused_with_503(
+    certs: tuple[Path, Path], backend: Backend
+) -> None:
+    proxy = Proxy(certs, backend.port, "--max-connections", "2")
+    try:
+
+        async def scenario() -> int:
+            async with open_ws(proxy, certs) as a, open_ws(proxy, certs) as b:
+                for ws in (a, b):
+                    await ws.send("up")
+                    assert await ws.recv() == "up"
+                with pytest.raises(InvalidStatus) as refused:
+                    async with open_ws(proxy, certs):
+                        pass
+                return refused.value.response.status_code
+
+        assert run(scenario()) == 503
+        proxy.wait_line(r"status=503")
+    finally:
+        assert proxy.stop() == 0
+
+
+def test_a_client_that_stops_answering_pings_is_dropped(
+    certs: tuple[Path, Path], backend: Backend
+) -> None:
+    proxy = Proxy(certs, backend.port, "--ping-interval", "0.2", "--ping-timeout", "0.3")
+    try:
+        raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
+        tls = client_tls(certs).wrap_socket(raw, server_hostname="127.0.0.1")
+        tls.sendall(
+            b"GET /mute HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        received = b""
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            while chunk := tls.recv(4096):  # never answers: reads until the proxy hangs up
+                received += chunk
+        tls.close()
+        head, _, frames = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        assert frames[:1] == b"\x89"  # the proxy pinged first
+        assert "keepalive" in proxy.wait_line(r"path='/mute'")
+        code, _ = backend.close_of("/mute")
+        assert code == 1001
+    finally:
+        assert proxy.stop() == 0
+
+
+def test_sigterm_closes_clients_with_1001_and_exits_0(
+    certs: tuple[Path, Path], backend: Backend
+) -> None:
+    proxy = Proxy(certs, backend.port)
+    try:
+
+        async def scenario() -> int | None:
+            async with open_ws(proxy, certs, "/term") as ws:
+                await ws.send("hi")
+                await ws.recv()
+                proxy.proc.send_signal(signal.SIGTERM)
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+                return ws.close_code
+
+        assert run(scenario()) == 1001
+        assert proxy.proc.wait(TIMEOUT) == 0
+        assert backend.close_of("/term")[0] == 1001
+    finally:
+        proxy.stop()
+
+
+def test_port_taken_fails_naming_the_holder(certs: tuple[Path, Path]) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        out = subprocess.run(
+            [PY, "-m", "cxrd.proxy", "--host", "127.0.0.1", "--port", str(port),
+             "--cert", str(certs[0]), "--key", str(certs[1])],
+            capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+    assert out.returncode == 10  # StartFailed
+    assert f"port {port} on 127.0.0.1 is taken by pid {os.getpid()}" in out.stderr
+
+
+# Supervision: an inherited listener, READY on a pipe, death with the parent --------------------
+
+PARENT = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    from pathlib import Path
+    from cxrd.config import Config, ProxyConfig
+    from cxrd.proxy.launch import prepare_proxy
+
+    config = Config(
+        install_dir=sys.argv[1],
+        proxy=ProxyConfig(host="127.0.0.1", port=int(sys.argv[2]), backend_port=int(sys.argv[3])),
+    )
+    launch = prepare_proxy(config)
+    read_end, write_end = os.pipe()
+    spec = launch.spec(write_end)
+    with open(spec.stderr, "ab") as err:
+        child = subprocess.Popen(
+            spec.argv, env=dict(spec.env), pass_fds=spec.pass_fds, stderr=err,
+            stdout=subprocess.DEVNULL, start_new_session=True,
+        )
+    os.close(write_end)
+    print(child.pid, os.read(read_end, 64).decode().strip(), flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+def test_inherited_listener_ready_pipe_and_death_with_the_parent(
+    tmp_path: Path, backend: Backend
+) -> None:
+    port = free_port()
+    child = 0
+    parent = subprocess.Popen(
+        [PY, "-c", PARENT, str(tmp_path), str(port), str(backend.port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        ready, _, _ = select.select([parent.stdout], [], [], TIMEOUT)
+        assert ready, "the parent did not report the proxy's READY"
+        pid_text, word = parent.stdout.readline().split()
+        child = int(pid_text)
+        assert word == "READY"
+        certs = (tmp_path / "certs" / "server.crt", tmp_path / "certs" / "server.key")
+        assert oct(certs[1].stat().st_mode & 0o777) == "0o600"
+
+        async def scenario() -> str:
+            url = f"wss://127.0.0.1:{port}/x"
+            async with connect(url, ssl=ssl.create_default_context(cafile=str(certs[0]))) as ws:
+                await ws.send("through an inherited socket")
+                return str(await ws.recv())
+
+        assert run(scenario()) == "through an inherited socket"
+        pidfd = os.pidfd_open(child)
+        try:
+            parent.kill()
+            parent.wait(TIMEOUT)
+            gone, _, _ = select.select([pidfd], [], [], TIMEOUT)
+            assert gone, "the proxy outlived its SIGKILLed parent"
+        finally:
+            os.close(pidfd)
+        log = (tmp_path / "logs" / "wss.log").read_text()
+        assert "path='/x'" in log and "close=1000" in log
+        assert "listening on 127.0.0.1:" in log and "stopped" in log  # SIGTERM: a clean exit
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)  # only if the test failed with the proxy alive
