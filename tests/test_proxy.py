@@ -38,7 +38,7 @@ from cxrd.proxy.certs import ensure_certificate
 PY = sys.executable
 
 
-# The backend ---------------------------------------------------------------------------
+# The backend ---------------------------------------------------------------
 
 
 class Backend:
@@ -123,7 +123,7 @@ class Backend:
                 self._closed.notify_all()
 
 
-# The proxy process -----------------------------------------------------------------------
+# The proxy process ---------------------------------------------------------------
 
 
 class Proxy:
@@ -240,7 +240,7 @@ def fetch(
         conn.close()
 
 
-# Relay ---------------------------------------------------------------------------------------
+# Relay ---------------------------------------------------------------
 
 
 def test_text_and_binary_messages_echo_through_the_proxy(proxy: Proxy, certs: Any) -> None:
@@ -365,7 +365,7 @@ def test_tls_1_2_clients_are_served(proxy: Proxy, certs: Any) -> None:
     assert run(scenario()) == "tls12"
 
 
-# HTTP side -------------------------------------------------------------------------------
+# HTTP side ---------------------------------------------------------------
 
 
 def test_plain_get_answers_the_certificate_page_without_reflecting_input(
