@@ -332,3 +332,15 @@ def test_close_frames_carry_their_code_and_a_reason_cut_to_fit() -> None:
     code, reason = F.parse_close(payload)
     assert code == 1001 and set(reason) == {"é"}
     assert F.parse_close(b"") == (F.CLOSE_NO_STATUS, "")
+
+
+def test_the_proxy_program_imports_neither_the_supervisor_nor_dbus_nor_sdnotify() -> None:
+    probe = (
+        "import sys, cxrd.proxy.__main__; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dbus_fast', 'sdnotify') "
+        "or m in ('cxrd.supervisor', 'cxrd.daemon', 'cxrd.bus')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=TIMEOUT, check=True
+    )
+    assert out.stdout.strip() == "[]"
