@@ -618,3 +618,66 @@ def test_inherited_listener_ready_pipe_and_death_with_the_parent(
         if child:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)  # only if the test failed with the proxy alive
+
+
+class DeafBackend:
+    """Accepts one WebSocket handshake, then never reads again (a stuck runtime)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conn: socket.socket | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        from websockets.server import ServerProtocol
+
+        conn, _ = self.listener.accept()
+        self.conn = conn
+        protocol = ServerProtocol()
+        while not (events := protocol.events_received()):
+            protocol.receive_data(conn.recv(4096))
+        protocol.send_response(protocol.accept(events[0]))  # type: ignore[arg-type]
+        conn.sendall(b"".join(protocol.data_to_send()))
+
+    def close(self) -> None:
+        self._thread.join(TIMEOUT)
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_backend_that_stops_reading_stops_the_client_instead_of_filling_memory(
+    certs: tuple[Path, Path],
+) -> None:
+    deaf = DeafBackend()
+    proxy = Proxy(certs, deaf.port, "--max-message-size", str(1 << 20))
+    try:
+        before = rss_bytes(proxy.proc.pid)
+        chunk = b"z" * (1 << 20)
+
+        async def scenario() -> int:
+            sent = 0
+            async with open_ws(proxy, certs, "/deaf") as ws:
+                with contextlib.suppress(TimeoutError):
+                    for _ in range(96):
+                        async with asyncio.timeout(1.0):
+                            await ws.send(chunk)
+                        sent += len(chunk)
+                ws.transport.abort()
+            return sent
+
+        sent = run(scenario())
+        assert sent < 32 << 20  # the client was held back: only socket buffers filled (~8 MiB)
+        assert rss_bytes(proxy.proc.pid) - before < 16 << 20
+    finally:
+        assert proxy.stop() == 0
+        deaf.close()

@@ -118,8 +118,8 @@ class Half(asyncio.Protocol):
 
         With ``then_stop``, nothing more is forwarded after it (a close frame).
         """
-        if self.out is None:
-            return
+        if self.out is None or self.stop_after_pending:
+            return  # destination gone, or a close is already on its way: nothing may follow
         self.pending.append(frame)
         self.stop_after_pending = self.stop_after_pending or then_stop
         if self.remaining == 0:
@@ -388,8 +388,8 @@ class Session:
         loop = asyncio.get_running_loop()
 
         def ping() -> None:
-            if self.done or not self.client_open:
-                return
+            if self.done or not self.client_open or self._timer is not None:
+                return  # closing (the close timer runs): no more pings
             mark = self.c2b.nbytes
             self.b2c.inject(F.encode_frame(F.OP_PING, b"cxrd", mask=False))
             loop.call_later(timeout, check, mark)

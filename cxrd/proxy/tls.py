@@ -19,7 +19,8 @@ from typing import Any
 
 log = logging.getLogger("cxrd.proxy")
 
-READ_SIZE = 256 * 1024
+READ_SIZE = 64 * 1024  # per socket read; a TLS record carries at most 16 KiB
+RECORD_READ = 32 * 1024  # per decrypt: one record's plaintext fits
 
 
 class TlsServer(asyncio.BufferedProtocol):
@@ -122,7 +123,7 @@ class TlsServer(asyncio.BufferedProtocol):
         incoming = self._incoming
         try:
             while not self._paused and not self._closing:
-                data = sslobj.read(READ_SIZE)
+                data = sslobj.read(RECORD_READ)
                 if not data:
                     break
                 self._app.data_received(data)
