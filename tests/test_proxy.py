@@ -681,3 +681,19 @@ def test_a_backend_that_stops_reading_stops_the_client_instead_of_filling_memory
     finally:
         assert proxy.stop() == 0
         deaf.close()
+
+
+def test_a_mismatched_pair_stops_the_proxy_with_a_named_error(
+    certs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, other_key = ensure_certificate(tmp_path / "other")
+    log = tmp_path / "wss.log"
+    out = subprocess.run(
+        [PY, "-m", "cxrd.proxy", "--host", "127.0.0.1", "--port", str(free_port()),
+         "--cert", str(certs[0]), "--key", str(other_key), "--log", str(log)],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert out.returncode == 10
+    assert f"{certs[0]}, {other_key}: cannot load the TLS pair" in out.stderr
+    assert "mismatch" in out.stderr and "Traceback" not in out.stderr
+    assert "cannot load the TLS pair" in log.read_text()

@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             sock = bind_listener(args.host, args.port)
     except CxrdError as exc:
         log.error("%s", exc)
+        if args.log is not None:  # the supervisor shows the child's stderr when a start fails
+            print(f"cxrd.proxy: {exc}", file=sys.stderr)
         return exc.exit_code
     asyncio.run(run(args, sock, tls))
     return 0
