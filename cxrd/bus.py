@@ -11,6 +11,9 @@ import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from dbus_fast.aio import MessageBus
 
 from cxrd.errors import NotRunning
 
@@ -40,3 +43,36 @@ def require_session_bus(env: Mapping[str, str] | None = None) -> str:
             "no $XDG_RUNTIME_DIR/bus), so cxrd cannot be reached"
         )
     return address
+
+
+class _SendWhenWritable:
+    """A socket whose ``send`` answers 0 instead of raising when the buffer is full.
+
+    dbus-fast's writer (through 5.2) treats EAGAIN from a non-blocking send as
+    a fatal error and drops the connection (python-dbus-next issue 153). A
+    burst of replies larger than the socket buffer (a client flooding the
+    daemon) is enough. With 0 sent, the writer keeps the rest and waits for
+    the socket to be writable, which is what it does for a partial send.
+    """
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def send(self, data: Any, *flags: int) -> int:
+        try:
+            return int(self._sock.send(data, *flags))
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def tolerate_full_socket(bus: MessageBus) -> None:
+    """Make a connected dbus-fast bus survive a full send buffer (see above)."""
+    writer = getattr(bus, "_writer", None)
+    sock = getattr(writer, "sock", None)
+    if sock is not None and not isinstance(sock, _SendWhenWritable):
+        writer.sock = _SendWhenWritable(sock)  # type: ignore[union-attr]

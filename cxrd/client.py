@@ -24,7 +24,7 @@ from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from cxrd import wire
-from cxrd.bus import require_session_bus
+from cxrd.bus import require_session_bus, tolerate_full_socket
 from cxrd.constants import BUS_NAME, INTERFACE, OBJECT_PATH
 from cxrd.errors import (
     AccessDenied,
@@ -147,6 +147,7 @@ class AsyncCloudXRClient:
                 await bus.connect()
         except (OSError, TimeoutError, ValueError) as exc:
             raise NotRunning(f"cannot connect to the session bus at {address}: {exc}") from None
+        tolerate_full_socket(bus)
         bus.add_message_handler(self._on_message)
         self._bus = bus
 
@@ -263,7 +264,13 @@ class AsyncCloudXRClient:
     ) -> Snapshot:
         options = wire.start_options(timeout, device_profile)
         limit = START_TIMEOUT if timeout is None else timeout + TIMEOUT_SLACK
-        await self._call(member, "a{sv}", [options], auto_start=True, timeout=limit)
+        try:
+            await self._call(member, "a{sv}", [options], auto_start=True, timeout=limit)
+        except NotRunning as err:
+            raise NotRunning(
+                f"{err}; and the bus cannot start it on demand: "
+                "`cxrctl install` sets up D-Bus activation, or run `cxrd` yourself"
+            ) from None
         return await self.status()
 
     def start_no_block(self, *, device_profile: str | None = None) -> None:

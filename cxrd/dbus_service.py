@@ -34,7 +34,7 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from cxrd import wire
-from cxrd.bus import require_session_bus
+from cxrd.bus import require_session_bus, tolerate_full_socket
 from cxrd.constants import BUS_NAME, ERROR_PREFIX, INTERFACE, INTROSPECTION_XML, OBJECT_PATH
 from cxrd.errors import AccessDenied, AlreadyServing, CxrdError, StartFailed
 from cxrd.supervisor import Event, StateChanged, Supervisor
@@ -519,6 +519,7 @@ async def serve_dbus(supervisor: Supervisor, *, bus_address: str | None = None) 
             await bus.connect()
     except (OSError, TimeoutError, DBusError, ValueError) as exc:
         raise StartFailed(f"cannot connect to the session bus at {address}: {exc}") from None
+    tolerate_full_socket(bus)
     service = DBusService(bus, supervisor)
     try:
         await service._open()
