@@ -182,9 +182,7 @@ def _check_env(env: Mapping[str, str], source: str, where: str, *, allow_profile
                 f"{source}: {prefix}{key}: reserved, cxrd computes it from install_dir"
             )
         if key == C.DEVICE_PROFILE_ENV and not allow_profile:
-            raise InvalidConfig(
-                f"{source}: {prefix}{key}: set runtime.device_profile instead"
-            )
+            raise InvalidConfig(f"{source}: {prefix}{key}: set runtime.device_profile instead")
 
 
 def _apply_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
@@ -312,7 +310,10 @@ def _check_semantics(config: Config) -> None:
             raise InvalidConfig(f"{src}: {key}: must be greater than 0, got {value}")
     if config.restart.max_restarts < 0:
         raise InvalidConfig(f"{src}: restart.max_restarts: must be 0 or more")
-    for key, port in (("proxy.port", config.proxy.port), ("proxy.backend_port", config.proxy.backend_port)):
+    for key, port in (
+        ("proxy.port", config.proxy.port),
+        ("proxy.backend_port", config.proxy.backend_port),
+    ):
         if not 0 < port < 65536:
             raise InvalidConfig(f"{src}: {key}: {port} is not a TCP port (1-65535)")
     if (config.proxy.cert is None) != (config.proxy.key is None):

@@ -117,8 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", err)
         SdNotifier().notify(f"STATUS=Invalid configuration: {err}")
         return err.exit_code
-    log.info("cxrd %s: %s runtime, install dir %s", __version__, config.runtime.backend,
-             config.install_path)
+    log.info(
+        "cxrd %s: %s runtime, install dir %s",
+        __version__,
+        config.runtime.backend,
+        config.install_path,
+    )
     return asyncio.run(run(config, args))
 
 
@@ -132,9 +136,7 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         notifier.notify(f"STATUS=Not started: {err}")
         return err.exit_code
     launcher = ProcessLauncher()
-    supervisor = Supervisor(
-        config, launcher=launcher, notifier=notifier, readiness=wait_for_file
-    )
+    supervisor = Supervisor(config, launcher=launcher, notifier=notifier, readiness=wait_for_file)
     loop = asyncio.get_running_loop()
     background: set[asyncio.Task[Any]] = set()
 

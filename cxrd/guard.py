@@ -5,6 +5,7 @@ Run as ``python -I -S guard.py`` with the pipe on stdin: lines ``+PGID`` and
 still registered is killed. Standard library only; it must start in a blink.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -19,10 +20,8 @@ def main() -> None:
         elif line[:1] == "-":
             groups.discard(int(line[1:]))
     for pgid in groups:
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(pgid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 if __name__ == "__main__":

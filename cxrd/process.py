@@ -95,9 +95,9 @@ class ProcessLauncher:
         env = {k: v for k, v in spec.env.items() if k not in _DAEMON_ONLY_ENV}
         spec.stderr.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as files:
-            stderr = files.enter_context(open(spec.stderr, "ab"))  # noqa: SIM115
+            stderr = files.enter_context(open(spec.stderr, "ab"))
             stdout = (
-                files.enter_context(open(spec.stdout, "ab"))  # noqa: SIM115
+                files.enter_context(open(spec.stdout, "ab"))
                 if spec.stdout is not None
                 else asyncio.subprocess.DEVNULL
             )

@@ -37,9 +37,7 @@ class InstallLock:
             holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
             os.close(self._fd)
             who = f" (pid {holder})" if holder.isdigit() else ""
-            raise AlreadyServing(
-                f"another cxrd{who} already serves {run_dir.parent}"
-            ) from None
+            raise AlreadyServing(f"another cxrd{who} already serves {run_dir.parent}") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
@@ -67,7 +65,7 @@ def live_runtime_pid(run_dir: Path) -> int | None:
                 return None
             return 0
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, _uid, _gid = struct.unpack("3i", creds)
+        pid: int = struct.unpack("3i", creds)[0]
         return pid
 
 

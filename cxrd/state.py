@@ -19,8 +19,8 @@ _ALLOWED: dict[State, frozenset[State]] = {
     State.STOPPED: frozenset({State.STARTING}),
     # STARTING -> READY | STOPPING (Stop during start) | FAILED (start failed)
     State.STARTING: frozenset({State.READY, State.STOPPING, State.FAILED}),
-    # READY -> RESTARTING (a child crashed) | STOPPING
-    State.READY: frozenset({State.RESTARTING, State.STOPPING}),
+    # READY -> RESTARTING (a child crashed) | STOPPING | FAILED (crashed once too often)
+    State.READY: frozenset({State.RESTARTING, State.STOPPING, State.FAILED}),
     # RESTARTING -> READY (back up) | STOPPING | FAILED (gave up)
     State.RESTARTING: frozenset({State.READY, State.STOPPING, State.FAILED}),
     # STOPPING -> STOPPED | STARTING (Restart(): the same daemon starts again)

@@ -170,7 +170,7 @@ class Supervisor:
             backend=cfg.runtime.backend,
             runtime=RuntimeStatus(
                 pid=rt.pid,
-                started_at=rt.handle.started_at if rt.pid else 0.0,
+                started_at=rt.handle.started_at if rt.handle is not None and rt.pid else 0.0,
                 restarts=rt.restarts,
                 last_exit=rt.last_exit,
             ),
@@ -219,7 +219,9 @@ class Supervisor:
 
     # ---- control -----------------------------------------------------------
 
-    async def start(self, *, timeout: float | None = None, device_profile: str | None = None) -> None:
+    async def start(
+        self, *, timeout: float | None = None, device_profile: str | None = None
+    ) -> None:
         """Return once ready; start first when stopped. See SUPERVISOR_API in the docs."""
         self._refuse_when_ending()
         if self._state is State.STOPPED:
@@ -489,9 +491,9 @@ class Supervisor:
                 task.cancel()
             await asyncio.gather(ready_task, exit_task, return_exceptions=True)
         if not exit_task.cancelled() and exit_task.exception() is None:
-            words = describe_exit(exit_task.result())
             record = self._runtime if what == "runtime" else self._proxy
-            record.last_exit = words
+            record.last_exit = describe_exit(exit_task.result())
+            words = _as_verb(record.last_exit)
             tail = self._runtime_diagnosis() if what == "runtime" else self._proxy_diagnosis()
             headline = _headline(tail)
             raise StartFailed(
@@ -523,7 +525,7 @@ class Supervisor:
         assert record.handle is not None
         record.last_exit = describe_exit(record.handle.returncode)
         tail = self._runtime_diagnosis() if what == "runtime" else self._proxy_diagnosis()
-        cause = f"the {what} {record.last_exit}"
+        cause = f"the {what} {_as_verb(record.last_exit)}"
         while True:
             headline = _headline(tail)
             delay = policy.record_crash(self._clock())
@@ -608,14 +610,14 @@ class Supervisor:
         run_dir = self._config.run_dir
         self._failure = err
         self._last_error = str(err)
-        with contextlib.suppress(OSError):
-            rundir.write_last_error(run_dir, err.name, str(err), err.detail)
-        if err.detail:
-            log.error("%s\n%s", err, err.detail)
-        self._set_state(State.FAILED, str(err))
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(err)
         try:
+            with contextlib.suppress(OSError):
+                rundir.write_last_error(run_dir, err.name, str(err), err.detail)
+            if err.detail:
+                log.error("%s\n%s", err, err.detail)
+            self._set_state(State.FAILED, str(err))
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(err)
             await self._stop_children()
         finally:
             self._drop_proxy_listener()
@@ -653,7 +655,7 @@ async def _all_or_first_error(coros: list[Coroutine[Any, Any, None]]) -> None:
     """Run concurrently; the first error cancels the rest and is raised as itself."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        _done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
@@ -696,6 +698,11 @@ def _newest(directory: Path, pattern: str, *, since: float) -> str:
     except OSError:
         return ""
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else ""
+
+
+def _as_verb(exit_words: str) -> str:
+    """'killed by SIGSEGV' -> 'was killed by SIGSEGV', for "the runtime ..." sentences."""
+    return f"was {exit_words}" if exit_words.startswith("killed") else exit_words
 
 
 def _headline(tail: str) -> str:

@@ -110,7 +110,9 @@ class DaemonEnv:
         proxy: bool = True,
     ) -> None:
         """A config on this test's dirs and ports; the strings add keys to their tables."""
-        sim_table = f"\n[runtime.sim]\nstartup_delay = 0.1\n{sim}\n" if backend == "sim" else ""
+        if "startup_delay" not in sim:
+            sim = f"startup_delay = 0.1\n{sim}"
+        sim_table = f"\n[runtime.sim]\n{sim}\n" if backend == "sim" else ""
         self.config_path.write_text(
             f'install_dir = "{self.install_dir}"\n'
             + text
@@ -123,13 +125,14 @@ class DaemonEnv:
         )
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cxrd", "--config", str(self.config_path), *args],
-            env={**self.env, **(env or {})},
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.tmp / "cxrd.stderr", "ab"),  # noqa: SIM115
-            start_new_session=True,
-        )
+        with open(self.tmp / "cxrd.stderr", "ab") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cxrd", "--config", str(self.config_path), *args],
+                env={**self.env, **(env or {})},
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 
@@ -145,8 +148,6 @@ class DaemonEnv:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            if proc.stderr is not None:
-                proc.stderr.close()
 
 
 @pytest.fixture
@@ -164,7 +165,8 @@ def daemon_env(tmp_path: Path, notify: NotifySocket) -> Iterator[DaemonEnv]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("DBUS_SESSION_BUS_ADDRESS", "JOURNAL_STREAM", "WATCHDOG_USEC") and not k.startswith("CXRD_SIM_")
+        if k not in ("DBUS_SESSION_BUS_ADDRESS", "JOURNAL_STREAM", "WATCHDOG_USEC")
+        and not k.startswith("CXRD_SIM_")
     }
     env.update(
         NOTIFY_SOCKET=str(notify.path),

@@ -43,7 +43,9 @@ def test_the_documented_file_shape_loads(tmp_path: Path) -> None:
     assert config.install_path == Path("~/.cloudxr").expanduser()
 
 
-def test_missing_default_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_default_file_means_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     config = load_config()
     assert config.runtime.backend == "isaacteleop"
@@ -100,7 +102,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 
 
 def test_a_bad_flag_value_is_named(tmp_path: Path) -> None:
-    with pytest.raises(InvalidConfig, match="proxy.port: 0 is not a TCP port"):
+    with pytest.raises(InvalidConfig, match=r"proxy\.port: 0 is not a TCP port"):
         load_config(write(tmp_path, ""), overrides={"proxy.port": 0})
 
 

@@ -50,7 +50,7 @@ def test_ready_only_after_a_fresh_sentinel(daemon_env: DaemonEnv, notify: Notify
     assert sentinel.read_text() != "stale"
     assert not (daemon_env.run_dir / "monado.pid").exists()
     assert "ready" in msg["STATUS"] and "sim runtime" in msg["STATUS"]
-    assert f"wss://" in msg["STATUS"], "STATUS tells where headsets connect"
+    assert "wss://" in msg["STATUS"], "STATUS tells where headsets connect"
     assert [s.split(":")[0] for s in notify.statuses()][:2] == [
         "Starting the CloudXR runtime and the WSS proxy",
         "CloudXR runtime ready",
@@ -154,7 +154,7 @@ def test_runtime_crash_restarts_with_backoff_then_gives_up(
     statuses = notify.statuses()
     restarting = [s for s in statuses if s.startswith("Restarting")]
     assert len(restarting) == 2, statuses
-    assert "killed by SIGSEGV" in restarting[0]
+    assert "the runtime was killed by SIGSEGV" in restarting[0]
     assert "restarting it in 0.1 s" in restarting[0]
     assert "restarting it in 0.2 s" in restarting[1], "backoff doubles"
     assert sum(ready(m) for m in notify.messages) == 3, "ready again after each restart"
@@ -221,7 +221,7 @@ def test_proxy_crash_restarts_the_proxy_alone(daemon_env: DaemonEnv, notify: Not
     (runtime,) = started_pids(daemon_env, "runtime")
     (proxy,) = started_pids(daemon_env, "proxy")
     os.kill(proxy, signal.SIGKILL)
-    notify.wait_for(lambda m: "the proxy killed by SIGKILL" in m.get("STATUS", ""))
+    notify.wait_for(lambda m: "the proxy was killed by SIGKILL" in m.get("STATUS", ""))
     notify.wait_for(lambda m: ready(m) and "proxy restarted" in m.get("STATUS", ""))
     assert started_pids(daemon_env, "runtime") == [runtime]
     new_proxy = started_pids(daemon_env, "proxy")[-1]

@@ -52,7 +52,9 @@ def test_a_child_ignoring_sigterm_is_killed_after_stop_timeout(tmp_path: Path) -
     async def go() -> tuple[int, float]:
         launcher = ProcessLauncher()
         try:
-            child = await launcher.spawn(spec(tmp_path, "trap '' TERM; while :; do sleep 0.05; done"))
+            child = await launcher.spawn(
+                spec(tmp_path, "trap '' TERM; while :; do sleep 0.05; done")
+            )
             await asyncio.sleep(0.2)
             began = time.monotonic()
             code = await child.stop(timeout=0.5)

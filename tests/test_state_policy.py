@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -12,16 +13,30 @@ from cxrd.state import IllegalTransition, State, check_transition
 
 
 def test_the_lifecycle_paths_are_legal() -> None:
-    path = [State.STOPPED, State.STARTING, State.READY, State.RESTARTING, State.READY,
-            State.STOPPING, State.STARTING, State.READY, State.STOPPING, State.STOPPED]
-    for old, new in zip(path, path[1:], strict=False):
+    path = [
+        State.STOPPED,
+        State.STARTING,
+        State.READY,
+        State.RESTARTING,
+        State.READY,
+        State.STOPPING,
+        State.STARTING,
+        State.READY,
+        State.STOPPING,
+        State.STOPPED,
+    ]
+    for old, new in itertools.pairwise(path):
         check_transition(old, new)
 
 
 @pytest.mark.parametrize(
     ("old", "new"),
-    [(State.STOPPED, State.READY), (State.FAILED, State.STARTING), (State.READY, State.STARTING),
-     (State.STOPPED, State.FAILED)],
+    [
+        (State.STOPPED, State.READY),
+        (State.FAILED, State.STARTING),
+        (State.READY, State.STARTING),
+        (State.STOPPED, State.FAILED),
+    ],
 )
 def test_illegal_transitions_are_rejected(old: State, new: State) -> None:
     with pytest.raises(IllegalTransition, match=f"{old} -> {new}"):
