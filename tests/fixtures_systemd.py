@@ -158,6 +158,8 @@ class UserManager:
     def cgroup_pids(self, control_group: str) -> set[int]:
         """Every pid in a unit's cgroup (``ControlGroup=``) and below, read from the kernel."""
         pids: set[int] = set()
+        if not control_group.strip("/"):
+            return pids  # a unit that is not running has no cgroup (never the root's)
         for mount in self.cgroups[:1]:
             base = mount.parent / control_group.lstrip("/")
             for procs in base.rglob("cgroup.procs") if base.exists() else ():
