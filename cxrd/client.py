@@ -211,7 +211,13 @@ class AsyncCloudXRClient:
             raise CxrdError(f"{member}: no reply")
         if reply.message_type is MessageType.ERROR:
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-            raise error_from_reply(reply.error_name or "", text or str(reply.error_name))
+            err = error_from_reply(reply.error_name or "", text or str(reply.error_name))
+            if auto_start and reply.error_name == f"{DBUS}.Error.ServiceUnknown":
+                err = NotRunning(
+                    f"{err}, and the bus cannot start it on demand: `cxrctl install` "
+                    "sets up D-Bus activation (or run `cxrd` yourself)"
+                )
+            raise err
         return list(reply.body)
 
     async def _driver(self, member: str, *args: str) -> list[Any]:
@@ -264,13 +270,7 @@ class AsyncCloudXRClient:
     ) -> Snapshot:
         options = wire.start_options(timeout, device_profile)
         limit = START_TIMEOUT if timeout is None else timeout + TIMEOUT_SLACK
-        try:
-            await self._call(member, "a{sv}", [options], auto_start=True, timeout=limit)
-        except NotRunning as err:
-            raise NotRunning(
-                f"{err}; and the bus cannot start it on demand: "
-                "`cxrctl install` sets up D-Bus activation, or run `cxrd` yourself"
-            ) from None
+        await self._call(member, "a{sv}", [options], auto_start=True, timeout=limit)
         return await self.status()
 
     def start_no_block(self, *, device_profile: str | None = None) -> None:
