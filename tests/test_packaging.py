@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import TIMEOUT
+from fixtures_systemd import UserManager
+from support import TIMEOUT, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN_PYTHON = Path("/usr/bin/python3.11")
@@ -137,3 +138,62 @@ def test_no_trace_of_the_build_machine_in_the_package(built: Built) -> None:
     assert leaks.stdout == "", f"build paths baked into: {leaks.stdout}"
     compiled = [name for name in built.files if "__pycache__" in name]
     assert compiled == [], "byte-code belongs to postinst, not the package"
+
+
+def _dpkg_status(package: str) -> str:
+    result = subprocess.run(
+        ["dpkg-query", "-W", "-f=${db:Status-Status}", package],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return result.stdout.strip()
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("CI") or os.environ.get("CXRD_TEST_DPKG_INSTALL")),
+    reason="installs the package into this machine's /usr: CI only (or CXRD_TEST_DPKG_INSTALL=1)",
+)
+def test_installed_package_runs_under_systemd_and_purges_clean(
+    built: Built, systemd_user: UserManager
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("dpkg -i needs root")
+    if _dpkg_status("cxrd") not in ("", "not-installed", "config-files"):
+        pytest.skip("a cxrd package is already installed here; leaving it alone")
+    dpkg = ["dpkg", "--force-confold"]
+    installed = subprocess.run(
+        [*dpkg, "-i", str(built.deb)], capture_output=True, text=True, timeout=TIMEOUT * 12,
+        check=False,
+    )  # fmt: skip
+    try:
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        owned = subprocess.run(
+            ["dpkg", "-L", "cxrd"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        # No unit in the user's own dirs: the manager finds the packaged one.
+        config = systemd_user.config_home / "cxrd" / "cxrd.toml"
+        config.parent.mkdir(parents=True)
+        install_dir = systemd_user.root / "cloudxr"
+        config.write_text(
+            f'install_dir = "{install_dir}"\n[runtime]\nbackend = "sim"\n'
+            f"[proxy]\nport = {free_port()}\nbackend_port = {free_port()}\n"
+        )
+        systemd_user.systemctl("daemon-reload")
+        props = systemd_user.show("cloudxr.service", "FragmentPath")
+        assert props["FragmentPath"] == "/usr/lib/systemd/user/cloudxr.service"
+        systemd_user.systemctl("start", "cloudxr.service", timeout=TIMEOUT * 3)
+        assert (install_dir / "run" / "runtime_started").exists()
+        main_pid = systemd_user.show("cloudxr.service", "MainPID")["MainPID"]
+        exe = os.readlink(f"/proc/{main_pid}/exe")
+        assert exe.startswith("/usr/bin/python3.11"), exe  # Debian's python, not the build's
+        status = systemd_user.run("/usr/bin/cxrctl", "status", check=False)
+        assert status.returncode == 0, status
+        systemd_user.systemctl("stop", "cloudxr.service", timeout=TIMEOUT * 3)
+    finally:
+        purged = subprocess.run(
+            [*dpkg, "--purge", "cxrd"], capture_output=True, text=True, timeout=TIMEOUT * 6,
+            check=False,
+        )  # fmt: skip
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    left = [path for path in owned if os.path.isfile(path) or os.path.islink(path)]
+    assert left == [], f"left behind by purge: {left[:5]}"
+    assert not Path("/usr/lib/cxrd").exists(), "postinst byte-code must go with the package"
