@@ -31,9 +31,9 @@ from typing import Literal
 
 from cxrd import constants as C
 from cxrd import eula
+from cxrd.bus import session_bus_address
 from cxrd.config import Config
 from cxrd.errors import CxrdError
-from cxrd.install import session_bus_address
 
 Level = Literal["ok", "warn", "fail"]
 

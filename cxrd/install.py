@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 
 from cxrd import constants as C
+from cxrd.bus import session_bus_address
 from cxrd.errors import CxrdError
 
 MANIFEST_NAME = "install-manifest.json"
@@ -283,17 +284,6 @@ def _systemd_daemon_reload() -> str | None:
             f"user manager not reached ({reason}); "
             "run `systemctl --user daemon-reload` in your login session"
         )
-    return None
-
-
-def session_bus_address() -> str | None:
-    """The session bus address, with the systemd user bus as the fallback."""
-    address = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
-    if address:
-        return address
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime_dir and Path(runtime_dir, "bus").exists():
-        return f"unix:path={runtime_dir}/bus"
     return None
 
 
