@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import Annotated, Any
@@ -204,6 +205,7 @@ class Daemon1(ServiceInterface):
             )
         self._props = wire.property_values(supervisor.snapshot())
         self._flush_pending: asyncio.Handle | None = None
+        self._status: tuple[dict[str, Variant], float] | None = None  # (wire, uptime - monotonic)
 
     def introspect(self) -> intr.Interface:
         # The XML, with argument names and annotations dbus-fast cannot express;
@@ -232,7 +234,15 @@ class Daemon1(ServiceInterface):
     @dbus_method()
     def Status(self) -> _Options:
         with _translated("Status"):
-            return wire.snapshot_to_wire(self._sup.snapshot())
+            # The wire form is kept until the supervisor says something changed
+            # (it emits an event for every change but uptime's), so a poller
+            # costs a dict copy, not a snapshot and its conversion.
+            now = time.monotonic()
+            if self._status is None:
+                snap = self._sup.snapshot()
+                self._status = (wire.snapshot_to_wire(snap), snap.uptime - now)
+            status, born = self._status
+            return {**status, "uptime": Variant("d", born + now)}
 
     @dbus_method()
     async def Acquire(self, reason: DBusStr) -> DBusStr:
@@ -321,6 +331,7 @@ class Daemon1(ServiceInterface):
 
     def on_event(self, event: Event) -> None:
         """Supervisor listener: must not raise or block."""
+        self._status = None
         try:
             if isinstance(event, StateChanged):
                 # Never coalesced: every state is announced, properties first so
