@@ -409,3 +409,38 @@ async def _wait_owner(bus: MessageBus, timeout: float = TIMEOUT) -> None:
         await signals.wait_for(
             lambda m: m.member == "NameOwnerChanged" and bool(m.body[2]), timeout
         )
+
+
+def test_a_crash_is_counted_and_announced_in_restarts_and_last_error(bus_daemon: BusDaemon) -> None:
+    bus_daemon.configure(crash_after=0.5)
+    bus_daemon.start()
+
+    async def scenario() -> None:
+        bus = await connect(bus_daemon.address)
+        signals = await Signals.watch(bus)
+        first = await get_property(bus, "RuntimePid")
+        await signals.state("restarting")
+        restarts = await signals.changed("Restarts")
+        assert restarts >= 1
+        await signals.state("ready")
+        assert await get_property(bus, "RuntimePid") != first
+        assert await get_property(bus, "LastError")
+
+    run(scenario())
+
+
+def test_stop_when_idle_stops_after_the_last_lease_and_its_grace(bus_daemon: BusDaemon) -> None:
+    bus_daemon.configure(top="stop_when_idle = true\nidle_grace = 0.5")
+    proc = bus_daemon.start()
+
+    async def scenario() -> None:
+        bus = await connect(bus_daemon.address)
+        signals = await Signals.watch(bus)
+        (lease_id,) = await ok(bus, "Acquire", "s", ["short job"])
+        await ok(bus, "Release", "s", [lease_id])
+        began = time.monotonic()
+        await signals.owner_gone()
+        assert time.monotonic() - began >= 0.4
+
+    run(scenario())
+    assert proc.wait(timeout=TIMEOUT) == 0
