@@ -3,10 +3,13 @@
 Runs the real daemon (``python -m cxrd``) with the sim runtime and a real
 NOTIFY_SOCKET, N times. Prints JSON:
 
-- ``sentinel_to_ready_ms``: READY=1's arrival minus the sentinel file's mtime
-  (both wall clock, ns resolution), median and max.
-- ``start_to_ready_ms``: READY=1's arrival minus the daemon's spawn;
-  ``overhead_ms`` is that minus the sim's own startup delay.
+- ``sentinel_to_ready_ms``: from the moment this script creates
+  ``runtime_started`` itself (the sim runs with ``never_ready``, so the file's
+  creation time is known exactly, not read from a coarse mtime) to READY=1's
+  arrival; median and max.
+- ``start_to_ready_ms``: in separate runs where the sim writes the sentinel after
+  its own startup delay, READY=1's arrival minus the daemon's spawn;
+  ``overhead_ms`` is that minus the sim's delay.
 
 Usage: python bench/readiness.py [--runs 20] [--delay 0.2]
 """
@@ -32,12 +35,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def one_run(tmp: Path, delay: float, proxy: bool) -> tuple[float, float]:
+def one_run(tmp: Path, delay: float, proxy: bool, *, own_sentinel: bool) -> float:
+    """Milliseconds to READY=1: from the spawn, or from our own sentinel."""
     install = tmp / "cloudxr"
+    run_dir = install / "run"
     config = tmp / "cxrd.toml"
     config.write_text(
         f'install_dir = "{install}"\n[runtime]\nbackend = "sim"\n'
-        f"[runtime.sim]\nstartup_delay = {delay}\n"
+        f"[runtime.sim]\nstartup_delay = {delay}\nnever_ready = {str(own_sentinel).lower()}\n"
         f'[proxy]\nenabled = {str(proxy).lower()}\nhost = "127.0.0.1"\n'
         f"port = {free_port()}\nbackend_port = {free_port()}\n"
     )
@@ -54,17 +59,26 @@ def one_run(tmp: Path, delay: float, proxy: bool) -> tuple[float, float]:
             stderr=subprocess.DEVNULL,
         )
         try:
+            if own_sentinel:
+                # The sim binds ipc_cloudxr once up; give cxrd a moment past that.
+                deadline = time.time() + 30
+                while not (run_dir / "ipc_cloudxr").exists():
+                    if time.time() > deadline:
+                        raise RuntimeError("the sim did not come up")
+                    time.sleep(0.01)
+                time.sleep(0.2)
+                spawned = time.time()
+                (run_dir / "runtime_started").touch()
             while True:
                 data = sock.recv(65536)
                 if b"READY=1" in data.split(b"\n"):
                     arrived = time.time()
                     break
-            sentinel = (install / "run" / "runtime_started").stat().st_mtime_ns / 1e9
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
         sock_path.unlink()
-    return (arrived - sentinel) * 1e3, (arrived - spawned) * 1e3
+    return (arrived - spawned) * 1e3
 
 
 def main() -> None:
@@ -76,9 +90,9 @@ def main() -> None:
     to_ready, start = [], []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
-            a, b = one_run(Path(tmp), args.delay, not args.no_proxy)
-        to_ready.append(a)
-        start.append(b)
+            to_ready.append(one_run(Path(tmp), args.delay, not args.no_proxy, own_sentinel=True))
+        with tempfile.TemporaryDirectory() as tmp:
+            start.append(one_run(Path(tmp), args.delay, not args.no_proxy, own_sentinel=False))
     result = {
         "runs": args.runs,
         "sim_startup_delay_ms": args.delay * 1e3,
