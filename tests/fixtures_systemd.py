@@ -233,7 +233,13 @@ def _start_manager(root: Path) -> UserManager:
         )
         if process.poll() is not None:
             raise AssertionError(f"systemd --user exited {process.returncode}:\n{manager.log()}")
-        state = manager.systemctl("is-system-running", "--wait", check=False).stdout.strip()
+
+        # The private socket can exist a moment before the manager answers on it.
+        def started() -> str:
+            result = manager.systemctl("is-system-running", "--wait", check=False)
+            return result.stdout.strip() or ("" if process.poll() is None else "exited")
+
+        state = wait_until(started, TIMEOUT, "systemd --user to answer")
         if state not in ("running", "degraded"):
             raise AssertionError(f"systemd --user is {state!r}:\n{manager.log()}")
         wait_until(lambda: (runtime_dir / "bus").exists(), TIMEOUT, "the user bus socket")
