@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from cxrd import __version__
+from cxrd.bus import session_bus_address
 from cxrd.config import BACKENDS, Config, load_config
-from cxrd.errors import AlreadyServing, CxrdError, InvalidConfig
+from cxrd.dbus_service import DBusService, serve_dbus
+from cxrd.errors import AlreadyServing, CxrdError, InvalidConfig, StartFailed
 from cxrd.notify import SdNotifier
 from cxrd.process import ProcessLauncher
 from cxrd.readiness import wait_for_file
@@ -154,7 +156,7 @@ async def run(config: Config, args: argparse.Namespace) -> int:
     interval = notifier.watchdog_interval()
     if interval is not None:
         spawn(_watchdog(notifier, interval))
-    service = None
+    service: DBusService | None = None
     try:
         try:
             service = await _serve_bus(supervisor)
@@ -162,6 +164,10 @@ async def run(config: Config, args: argparse.Namespace) -> int:
             log.error("%s", err)
             notifier.notify(f"STATUS=Not started: {err}")
             return err.exit_code
+        except StartFailed as err:
+            log.error("%s; running without D-Bus", err)
+        if service is not None:
+            spawn(_stop_when_bus_lost(supervisor, service))
         spawn(_start(supervisor))
         code = await supervisor.wait_stopped()
         log.info("cxrd exits with code %d", code)
@@ -173,6 +179,12 @@ async def run(config: Config, args: argparse.Namespace) -> int:
             await service.close()
         launcher.close()
         lock.release()
+
+
+async def _stop_when_bus_lost(supervisor: Supervisor, service: DBusService) -> None:
+    # Nobody can reach or stop us any more; the session is most likely ending.
+    await service.wait_disconnected()
+    supervisor.request_stop("the session bus connection was lost")
 
 
 async def _start(supervisor: Supervisor) -> None:
@@ -200,10 +212,7 @@ async def _watchdog(notifier: SdNotifier, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def _serve_bus(supervisor: Supervisor) -> Any:
-    from cxrd.bus import session_bus_address
-    from cxrd.dbus_service import serve_dbus
-
+async def _serve_bus(supervisor: Supervisor) -> DBusService | None:
     address = session_bus_address()
     if address is None:
         log.warning("no session bus: running without D-Bus (cxrctl and clients cannot reach us)")

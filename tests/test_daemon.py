@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_daemon import DaemonEnv, NotifySocket, group_members, pid_alive, wait_until
+from fixtures_dbus import BusDaemon
 from support import TIMEOUT
 
 from cxrd import errors
@@ -328,3 +329,10 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except OSError:
         return ""
+
+
+def test_losing_the_session_bus_stops_the_daemon_cleanly(ready_daemon: BusDaemon) -> None:
+    proc = ready_daemon.proc
+    ready_daemon.bus.proc.terminate()
+    assert proc.wait(timeout=TIMEOUT) == 0
+    assert "the session bus connection was lost" in ready_daemon.denv.daemon_log()
