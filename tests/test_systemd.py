@@ -130,7 +130,7 @@ def test_start_blocks_until_ready_and_stop_leaves_no_process(cloudxr: Cloudxr) -
 
     cloudxr.manager.systemctl("stop", C.UNIT_NAME, timeout=TIMEOUT * 3)
     after = cloudxr.show("ActiveState", "Result", "ExecMainStatus", "ControlGroup")
-    assert after["ActiveState"] == "inactive"
+    assert after["ActiveState"] == "inactive", cloudxr.diagnosis()
     assert (after["Result"], after["ExecMainStatus"]) == ("success", "0")
     assert all(gone(pid) for pid in pids), [p for p in pids if not gone(p)]
     assert not cloudxr.sentinel.exists()
@@ -146,7 +146,7 @@ def test_never_ready_fails_the_start_in_time_with_the_reason(cloudxr: Cloudxr) -
     assert result.returncode != 0
     assert timeout <= took < timeout + TIMEOUT, took
     props = cloudxr.show("ActiveState", "ExecMainStatus", "NRestarts", "StatusText")
-    assert props["ActiveState"] == "failed"
+    assert props["ActiveState"] == "failed", cloudxr.diagnosis()
     assert props["ExecMainStatus"] == str(errors.Timeout.exit_code)
     assert props["NRestarts"] == "0", "systemd must not retry what cannot succeed"
     assert C.SENTINEL_FILE in props["StatusText"] or "ready" in props["StatusText"], props
