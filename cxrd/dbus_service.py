@@ -513,8 +513,10 @@ class DBusService:
 
     async def wait_disconnected(self) -> None:
         """Resolves when the bus connection ends (the session bus went away, or close())."""
+        # dbus-fast hands out its own disconnect future: a cancelled waiter
+        # must not cancel it for close() and everyone else.
         with contextlib.suppress(Exception):
-            await self._bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+            await asyncio.shield(self._bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
 
 
 async def serve_dbus(supervisor: Supervisor, *, bus_address: str | None = None) -> DBusService:
