@@ -143,7 +143,12 @@ def _print_status(snap: Snapshot, as_json: bool) -> None:
         return
     dot = out.paint("●", _STATE_COLOR.get(snap.state, "0"))
     state = out.paint(str(snap.state), "1;" + _STATE_COLOR.get(snap.state, "0"))
-    out.line(f"{dot} cxrd {snap.version} — {state} ({snap.backend} runtime)")
+    backend = (
+        "sim: a simulated runtime, not NVIDIA CloudXR"
+        if snap.backend == "sim"
+        else (f"{snap.backend} runtime")
+    )
+    out.line(f"{dot} cxrd {snap.version} — {state} ({backend})")
     rows: list[tuple[str, str]] = []
     if snap.runtime.pid:
         up = time.time() - snap.runtime.started_at if snap.runtime.started_at else 0.0
