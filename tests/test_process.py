@@ -109,15 +109,20 @@ def test_sigkilled_parent_leaves_no_child_or_grandchild(tmp_path: Path) -> None:
             child = await launcher.spawn(ChildSpec(
                 name="runtime", argv=("sh", "-c", "sleep 60 & echo $! > {pids}; wait"),
                 env=dict(os.environ), stderr=Path("{tmp_path}/stderr")))
-            Path("{tmp_path}/child").write_text(str(child.pid))
+            Path("{tmp_path}/child.tmp").write_text(str(child.pid))
+            os.rename("{tmp_path}/child.tmp", "{tmp_path}/child")
             await asyncio.sleep(60)
         asyncio.run(main())
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", parent])
     try:
-        wait_until(lambda: pids.exists() and pids.read_text().strip(), what="the grandchild")
-        child = int((tmp_path / "child").read_text())
+        child_file = tmp_path / "child"
+        wait_until(
+            lambda: pids.exists() and pids.read_text().strip() and child_file.exists(),
+            what="the child and the grandchild",
+        )
+        child = int(child_file.read_text())
         grandchild = int(pids.read_text())
         assert pid_alive(child) and pid_alive(grandchild)
         proc.send_signal(signal.SIGKILL)
