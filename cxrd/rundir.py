@@ -108,18 +108,3 @@ def read_last_error(run_dir: Path) -> dict[str, object] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def tail_text(path: Path, *, start: int = 0, max_bytes: int = 4096, max_lines: int = 20) -> str:
-    """The last lines of ``path`` written after byte ``start``; '' when none."""
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            if start > size:
-                start = 0  # truncated since (isaacteleop's run() reopens it with "w")
-            f.seek(max(start, size - max_bytes))
-            data = f.read()
-    except OSError:
-        return ""
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    return "\n".join(lines[-max_lines:]).strip()

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from cxrd import __version__, rundir
 from cxrd import constants as C
 from cxrd.config import Config
+from cxrd.diagnosis import as_verb, headline, log_section, newest_log
 from cxrd.envfile import write_env_file
 from cxrd.errors import (
     AlreadyServing,
@@ -33,7 +34,7 @@ from cxrd.errors import (
     Timeout,
 )
 from cxrd.policy import RestartPolicy
-from cxrd.process import ChildSpec, describe_exit
+from cxrd.process import ChildSpec, describe_exit, read_ready_line
 from cxrd.proxy.launch import ProxyLaunch, prepare_proxy
 from cxrd.runtimes import RuntimeLaunch, prepare_runtime
 from cxrd.state import DESCRIPTIONS, State, check_transition
@@ -424,7 +425,7 @@ class Supervisor:
     def _startup_timeout(self) -> CxrdError:
         cfg = self._config
         sentinel = cfg.run_dir / C.SENTINEL_FILE
-        tail = self._runtime_diagnosis()
+        tail = self._diagnosis("runtime")
         if self._runtime.pid and not sentinel.exists():
             what = f"the runtime (pid {self._runtime.pid}) did not create {sentinel}"
         elif self._runtime.pid:
@@ -461,7 +462,8 @@ class Supervisor:
         self._runtime.handle = child
         self._emit(Updated())
         await self._race(self._readiness(run_dir / C.SENTINEL_FILE), child, "runtime")
-        self._server_log = _newest(launch.logs_dir, C.SERVER_LOG_GLOB, since=child.started_at)
+        server = newest_log(launch.logs_dir, C.SERVER_LOG_GLOB, since=child.started_at)
+        self._server_log = str(server) if server else ""
 
     async def _start_proxy(self) -> None:
         launch = self._proxy_launch
@@ -478,7 +480,7 @@ class Supervisor:
             os.close(write_end)
         self._proxy.handle = child
         self._emit(Updated())
-        await self._race(_read_ready_line(read_end), child, "proxy")
+        await self._race(read_ready_line(read_end), child, "proxy")
 
     async def _race(self, ready: Awaitable[None], child: ChildHandle, what: str) -> None:
         """Wait for ``ready``; if the child exits first, fail with its diagnosis."""
@@ -493,11 +495,11 @@ class Supervisor:
         if not exit_task.cancelled() and exit_task.exception() is None:
             record = self._runtime if what == "runtime" else self._proxy
             record.last_exit = describe_exit(exit_task.result())
-            words = _as_verb(record.last_exit)
-            tail = self._runtime_diagnosis() if what == "runtime" else self._proxy_diagnosis()
-            headline = _headline(tail)
+            tail = self._diagnosis(what)
+            line = headline(tail)
             raise StartFailed(
-                f"the {what} {words} before it was ready" + (f": {headline}" if headline else ""),
+                f"the {what} {as_verb(record.last_exit)} before it was ready"
+                + (f": {line}" if line else ""),
                 detail=tail,
             )
         ready_task.result()
@@ -524,20 +526,20 @@ class Supervisor:
         )
         assert record.handle is not None
         record.last_exit = describe_exit(record.handle.returncode)
-        tail = self._runtime_diagnosis() if what == "runtime" else self._proxy_diagnosis()
-        cause = f"the {what} {_as_verb(record.last_exit)}"
+        tail = self._diagnosis(what)
+        cause = f"the {what} {as_verb(record.last_exit)}"
         while True:
-            headline = _headline(tail)
+            line = headline(tail)
             delay = policy.record_crash(self._clock())
             if delay is None:
                 r = self._config.restart
                 raise GaveUp(
                     f"{cause} and crashed more than {r.max_restarts} times within "
-                    f"{r.window:g} s; giving up" + (f" (last: {headline})" if headline else ""),
+                    f"{r.window:g} s; giving up" + (f" (last: {line})" if line else ""),
                     detail=tail,
                 )
             record.restarts += 1
-            self._last_error = cause + (f": {headline}" if headline else "")
+            self._last_error = cause + (f": {line}" if line else "")
             self._set_state(
                 State.RESTARTING,
                 f"{cause}; restarting it in {delay:.1f} s "
@@ -555,7 +557,7 @@ class Supervisor:
             except TimeoutError:
                 await self._stop_child(record, what)
                 cause = f"the {what} did not become ready again within the startup timeout"
-                tail = self._runtime_diagnosis() if what == "runtime" else ""
+                tail = self._diagnosis(what)
                 continue
             break
         self._set_state(State.READY, f"{what} restarted; " + self._ready_words())
@@ -628,27 +630,20 @@ class Supervisor:
 
     # ---- diagnosis ---------------------------------------------------------
 
-    def _runtime_diagnosis(self) -> str:
+    def _diagnosis(self, what: str) -> str:
+        """The log tails that explain the runtime's or the proxy's end."""
+        if what == "proxy":
+            return log_section(self._proxy_stderr, max_lines=10) if self._proxy_stderr else ""
         launch = self._runtime_launch
         if launch is None:
             return ""
-        parts = []
-        stderr = rundir.tail_text(launch.stderr_log, start=self._stderr_offset)
-        if stderr:
-            parts.append(f"--- {launch.stderr_log} ---\n{stderr}")
         started = self._runtime.handle.started_at if self._runtime.handle else 0.0
-        server = _newest(launch.logs_dir, C.SERVER_LOG_GLOB, since=started)
-        if server:
-            tail = rundir.tail_text(Path(server), max_lines=10)
-            if tail:
-                parts.append(f"--- {server} ---\n{tail}")
-        return "\n".join(parts)
-
-    def _proxy_diagnosis(self) -> str:
-        if self._proxy_stderr is None:
-            return ""
-        tail = rundir.tail_text(self._proxy_stderr, max_lines=10)
-        return f"--- {self._proxy_stderr} ---\n{tail}" if tail else ""
+        server = newest_log(launch.logs_dir, C.SERVER_LOG_GLOB, since=started)
+        sections = [
+            log_section(launch.stderr_log, start=self._stderr_offset),
+            log_section(server, max_lines=10) if server else "",
+        ]
+        return "\n".join(s for s in sections if s)
 
 
 async def _all_or_first_error(coros: list[Coroutine[Any, Any, None]]) -> None:
@@ -663,53 +658,3 @@ async def _all_or_first_error(coros: list[Coroutine[Any, Any, None]]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _read_ready_line(fd: int) -> None:
-    """Return when the child writes READY on its ready pipe; wait on if it closes without."""
-    loop = asyncio.get_running_loop()
-    got: asyncio.Future[None] = loop.create_future()
-    buf = bytearray()
-
-    def on_readable() -> None:
-        try:
-            chunk = os.read(fd, 64)
-        except BlockingIOError:
-            return
-        buf.extend(chunk)
-        if b"READY\n" in buf and not got.done():
-            got.set_result(None)
-        elif not chunk:
-            # Closed without READY: its exit (raced elsewhere) tells the story.
-            loop.remove_reader(fd)
-
-    os.set_blocking(fd, False)
-    loop.add_reader(fd, on_readable)
-    try:
-        await got
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
-def _newest(directory: Path, pattern: str, *, since: float) -> str:
-    try:
-        found = [p for p in directory.glob(pattern) if p.stat().st_mtime >= since - 1]
-    except OSError:
-        return ""
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else ""
-
-
-def _as_verb(exit_words: str) -> str:
-    """'killed by SIGSEGV' -> 'was killed by SIGSEGV', for "the runtime ..." sentences."""
-    return f"was {exit_words}" if exit_words.startswith("killed") else exit_words
-
-
-def _headline(tail: str) -> str:
-    """The line that says what went wrong: the last line of the stderr section."""
-    lines = [
-        ln.strip()
-        for ln in tail.split("\n--- ")[0].splitlines()
-        if ln.strip() and not ln.startswith("--- ")
-    ]
-    return lines[-1][:300] if lines else ""
