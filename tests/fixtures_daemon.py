@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from support import TIMEOUT, free_port
@@ -185,18 +184,6 @@ def daemon_env(tmp_path: Path, notify: NotifySocket) -> Iterator[DaemonEnv]:
     denv.write_config()
     yield denv
     denv.cleanup()
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = TIMEOUT, what: str = "") -> Any:
-    """Poll a condition a test cannot await otherwise (another process's state)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
 def pid_alive(pid: int) -> bool:

@@ -23,16 +23,14 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
-from support import TIMEOUT
+from support import TIMEOUT, wait_until
 
 SYSTEMD = "/usr/lib/systemd/systemd"
-_T = TypeVar("_T")
 
 
 def _cgroup_mounts() -> list[Path]:
@@ -58,20 +56,6 @@ def _why_no_systemd() -> str | None:
     if not any(m for m in _cgroup_mounts() if os.access(m, os.W_OK)):
         return "no writable cgroup hierarchy for a private systemd --user"
     return None
-
-
-def wait_until(
-    predicate: Callable[[], _T], timeout: float, what: str, interval: float = 0.05
-) -> _T:
-    """Poll ``predicate`` until it is truthy; systemd states have no cheap event to await here."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass
@@ -228,8 +212,8 @@ def _start_manager(root: Path) -> UserManager:
         # --wait blocks until the manager finished starting (default.target).
         wait_until(
             lambda: (runtime_dir / "systemd" / "private").exists() or process.poll() is not None,
-            TIMEOUT,
             "the manager's private socket",
+            timeout=TIMEOUT,
         )
         if process.poll() is not None:
             raise AssertionError(f"systemd --user exited {process.returncode}:\n{manager.log()}")
@@ -239,10 +223,10 @@ def _start_manager(root: Path) -> UserManager:
             result = manager.systemctl("is-system-running", "--wait", check=False)
             return result.stdout.strip() or ("" if process.poll() is None else "exited")
 
-        state = wait_until(started, TIMEOUT, "systemd --user to answer")
+        state = wait_until(started, "systemd --user to answer", timeout=TIMEOUT)
         if state not in ("running", "degraded"):
             raise AssertionError(f"systemd --user is {state!r}:\n{manager.log()}")
-        wait_until(lambda: (runtime_dir / "bus").exists(), TIMEOUT, "the user bus socket")
+        wait_until(lambda: (runtime_dir / "bus").exists(), "the user bus socket", timeout=TIMEOUT)
     except BaseException:
         _stop_manager(manager)
         raise
@@ -266,8 +250,8 @@ def _stop_manager(manager: UserManager) -> None:
                 kill.write_text("1")
             wait_until(
                 lambda cg=cgroup: "populated 0" in (cg / "cgroup.events").read_text(),
-                TIMEOUT,
                 f"{cgroup} to empty",
+                timeout=TIMEOUT,
             )
     for cgroup in manager.cgroups:
         _remove_cgroup_tree(cgroup)

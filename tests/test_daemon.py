@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures_daemon import DaemonEnv, NotifySocket, group_members, pid_alive, wait_until
+from fixtures_daemon import DaemonEnv, NotifySocket, group_members, pid_alive
 from fixtures_dbus import BusDaemon
-from support import TIMEOUT
+from support import TIMEOUT, wait_until
 
 from cxrd import errors
 

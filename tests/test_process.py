@@ -11,8 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from fixtures_daemon import group_members, pid_alive, wait_until
-from support import TIMEOUT
+from fixtures_daemon import group_members, pid_alive
+from support import TIMEOUT, wait_until
 
 from cxrd.process import ChildSpec, ProcessLauncher, describe_exit
 

@@ -12,13 +12,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
-from support import TIMEOUT, free_port
+from support import TIMEOUT, free_port, wait_until
 from websockets.asyncio.client import connect
 
 from cxrd import constants as C
@@ -103,16 +103,6 @@ def sim(tmp_path: Path) -> Iterator[Sim]:
     s = Sim(tmp_path)
     yield s
     s.kill()
-
-
-def wait_until(predicate: Callable[[], Any], what: str) -> Any:
-    """Poll a condition only another process can change; bounded by TIMEOUT."""
-    deadline = time.monotonic() + TIMEOUT
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {TIMEOUT} s waiting for {what}")
-        time.sleep(0.01)
-    return value
 
 
 def wait_pid_gone(pid: int) -> None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fixtures_systemd import UserManager, wait_until
-from support import TIMEOUT, free_port
+from fixtures_systemd import UserManager
+from support import TIMEOUT, free_port, wait_until
 
 from cxrd import constants as C
 from cxrd import errors
@@ -167,8 +167,8 @@ def test_crash_loop_ends_in_give_up_code_without_systemd_restarting(cloudxr: Clo
     cloudxr.manager.systemctl("start", C.UNIT_NAME, timeout=TIMEOUT * 3)
     wait_until(
         lambda: cloudxr.show("ActiveState")["ActiveState"] == "failed",
-        TIMEOUT * 2,
         "cxrd to give up",
+        timeout=TIMEOUT * 2,
     )
     props = cloudxr.show("ExecMainStatus", "NRestarts", "StatusText", "Result")
     assert props["ExecMainStatus"] == str(errors.GaveUp.exit_code), cloudxr.diagnosis()
@@ -218,7 +218,7 @@ def test_watchdog_kills_and_restarts_a_wedged_daemon(cloudxr: Cloudxr) -> None:
         props = cloudxr.show("MainPID", "ActiveState", "NRestarts")
         return props["NRestarts"] == "1" and props["ActiveState"] == "active"
 
-    wait_until(restarted, TIMEOUT * 3, "systemd to kill and restart the wedged cxrd")
+    wait_until(restarted, "systemd to kill and restart the wedged cxrd", timeout=TIMEOUT * 3)
     assert int(cloudxr.show("MainPID")["MainPID"]) != first
     assert gone(first) and gone(old_runtime), "KillMode=mixed took the old runtime along"
     assert cloudxr.prop("RuntimePid") != old_runtime
@@ -240,7 +240,7 @@ def test_reload_rereads_config_and_keeps_the_unchanged_runtime(cloudxr: Cloudxr)
         props = cloudxr.show("ActiveState", "StatusText")
         return props["ActiveState"] == "active" and "reloaded" in props["StatusText"]
 
-    wait_until(reloaded, TIMEOUT, "cxrd to finish reloading")
+    wait_until(reloaded, "cxrd to finish reloading", timeout=TIMEOUT)
     assert listening(cloudxr.proxy_port)
     assert not listening(old_port)
     assert cloudxr.prop("RuntimePid") == runtime_pid, "the runtime's settings did not change"
