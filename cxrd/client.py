@@ -25,7 +25,7 @@ from dbus_fast.aio import MessageBus
 
 from cxrd import wire
 from cxrd.bus import require_session_bus, tolerate_full_socket
-from cxrd.constants import BUS_NAME, INTERFACE, OBJECT_PATH
+from cxrd.constants import BUS_NAME, DBUS, DBUS_PATH, INTERFACE, OBJECT_PATH, PROPERTIES
 from cxrd.errors import (
     AccessDenied,
     Busy,
@@ -37,10 +37,6 @@ from cxrd.errors import (
 )
 from cxrd.state import State
 from cxrd.status import Snapshot
-
-DBUS = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
-PROPERTIES = "org.freedesktop.DBus.Properties"
 
 CALL_TIMEOUT = 25.0  # seconds for a call that does not wait on the runtime (libdbus's default)
 START_TIMEOUT = 300.0  # a Start without a timeout of its own still ends some day

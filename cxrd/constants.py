@@ -14,6 +14,13 @@ ERROR_PREFIX: Final = "io.github.cxrd.Error."
 INTERFACE_VERSION: Final = 1
 INTROSPECTION_XML: Final = f"{INTERFACE}.xml"  # dbus/ and cxrd/data/
 
+# The bus driver (its bus name is also its interface) and the standard interfaces.
+DBUS: Final = "org.freedesktop.DBus"
+DBUS_PATH: Final = "/org/freedesktop/DBus"
+PROPERTIES: Final = f"{DBUS}.Properties"
+INTROSPECTABLE: Final = f"{DBUS}.Introspectable"
+PEER: Final = f"{DBUS}.Peer"
+
 # systemd names (DESIGN §6).
 UNIT_NAME: Final = "cloudxr.service"
 DBUS_SERVICE_FILE: Final = f"{BUS_NAME}.service"

@@ -36,18 +36,26 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 
 from cxrd import wire
 from cxrd.bus import require_session_bus, tolerate_full_socket
-from cxrd.constants import BUS_NAME, ERROR_PREFIX, INTERFACE, INTROSPECTION_XML, OBJECT_PATH
+from cxrd.constants import (
+    BUS_NAME,
+    DBUS,
+    DBUS_PATH,
+    ERROR_PREFIX,
+    INTERFACE,
+    INTROSPECTABLE,
+    INTROSPECTION_XML,
+    OBJECT_PATH,
+    PEER,
+)
 from cxrd.errors import AccessDenied, AlreadyServing, CxrdError, StartFailed
 from cxrd.supervisor import Event, StateChanged, Supervisor
 
 _log = logging.getLogger(__name__)
 
 FAILED = ERROR_PREFIX + "Failed"
-DBUS = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
 # Open to any caller: what the object looks like, and ping. Everything else,
 # on any path (ObjectManager answers on "/"), is for the daemon's uid only.
-_OPEN_INTERFACES = frozenset({"org.freedesktop.DBus.Introspectable", "org.freedesktop.DBus.Peer"})
+_OPEN_INTERFACES = frozenset({INTROSPECTABLE, PEER})
 _NAME_LEFT_RULE = (
     f"type='signal',sender='{DBUS}',path='{DBUS_PATH}',interface='{DBUS}',"
     "member='NameOwnerChanged',arg2=''"

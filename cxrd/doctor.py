@@ -142,7 +142,7 @@ async def _ask_bus(address: str) -> _BusFacts:
             return None
         return list(reply.body)
 
-    dbus = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
+    dbus = (C.DBUS, C.DBUS_PATH, C.DBUS)
     try:
         async with asyncio.timeout(_TIMEOUT):
             names = await call(*dbus, "ListActivatableNames")
@@ -154,7 +154,7 @@ async def _ask_bus(address: str) -> _BusFacts:
                     value = await call(
                         C.BUS_NAME,
                         C.OBJECT_PATH,
-                        "org.freedesktop.DBus.Properties",
+                        C.PROPERTIES,
                         "Get",
                         "ss",
                         [C.INTERFACE, prop],

@@ -311,9 +311,9 @@ async def _call_reload_config(address: str) -> str | None:
             try:
                 reply = await bus.call(
                     Message(
-                        destination="org.freedesktop.DBus",
-                        path="/org/freedesktop/DBus",
-                        interface="org.freedesktop.DBus",
+                        destination=C.DBUS,
+                        path=C.DBUS_PATH,
+                        interface=C.DBUS,
                         member="ReloadConfig",
                     )
                 )
