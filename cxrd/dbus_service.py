@@ -109,6 +109,24 @@ def interface_shape(interface: intr.Interface, *, names: bool) -> dict[str, Any]
     }
 
 
+async def _driver_call(bus: MessageBus, member: str, signature: str, body: list[Any]) -> list[Any]:
+    """One call to the bus driver, bounded; an error reply is :class:`LookupError`."""
+    request = Message(
+        destination=DBUS,
+        path=DBUS_PATH,
+        interface=DBUS,
+        member=member,
+        signature=signature,
+        body=body,
+    )
+    async with asyncio.timeout(_BUS_TIMEOUT):
+        reply = await bus.call(request)
+    if reply is None or reply.message_type is MessageType.ERROR:
+        detail = f"{reply.error_name} {reply.body}" if reply is not None else "no reply"
+        raise LookupError(f"{member}{tuple(body)}: {detail}")
+    return list(reply.body)
+
+
 # --- callers ------------------------------------------------------------------
 
 
@@ -152,20 +170,8 @@ class _Peers:
             self._cache[key] = task.result()
 
     async def _query(self, member: str, name: str) -> int:
-        request = Message(
-            destination=DBUS,
-            path=DBUS_PATH,
-            interface=DBUS,
-            member=member,
-            signature="s",
-            body=[name],
-        )
-        async with asyncio.timeout(_BUS_TIMEOUT):
-            reply = await self._bus.call(request)
-        if reply is None or reply.message_type is MessageType.ERROR:
-            detail = reply.error_name if reply is not None else "no reply"
-            raise LookupError(f"{member}({name}): {detail}")
-        return int(reply.body[0])
+        (value,) = await _driver_call(self._bus, member, "s", [name])
+        return int(value)
 
     def forget(self, name: str) -> None:
         for key in [k for k in self._cache if k[1] == name]:
@@ -396,7 +402,7 @@ class DBusService:
         self._bus.add_message_handler(self._on_message)
         self._bus.export(OBJECT_PATH, self._interface)
         self._unsubscribe = self._sup.subscribe(self._interface.on_event)
-        await self._driver_call("AddMatch", "s", [_NAME_LEFT_RULE])
+        await _driver_call(self._bus, "AddMatch", "s", [_NAME_LEFT_RULE])
         async with asyncio.timeout(_BUS_TIMEOUT):
             reply = await self._bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
@@ -405,26 +411,11 @@ class DBusService:
 
     async def _owner(self) -> str:
         try:
-            owner = (await self._driver_call("GetNameOwner", "s", [BUS_NAME]))[0]
-            pid = (await self._driver_call("GetConnectionUnixProcessID", "s", [owner]))[0]
+            (owner,) = await _driver_call(self._bus, "GetNameOwner", "s", [BUS_NAME])
+            (pid,) = await _driver_call(self._bus, "GetConnectionUnixProcessID", "s", [owner])
         except (LookupError, TimeoutError):
             return ""
         return f" by pid {pid} ({owner})"
-
-    async def _driver_call(self, member: str, signature: str, body: list[Any]) -> list[Any]:
-        request = Message(
-            destination=DBUS,
-            path=DBUS_PATH,
-            interface=DBUS,
-            member=member,
-            signature=signature,
-            body=body,
-        )
-        async with asyncio.timeout(_BUS_TIMEOUT):
-            reply = await self._bus.call(request)
-        if reply is None or reply.message_type is MessageType.ERROR:
-            raise LookupError(f"{member}: {reply.body if reply is not None else 'no reply'}")
-        return list(reply.body)
 
     def _on_message(self, msg: Message) -> Message | bool | None:
         """The gate: runs for every message, before dbus-fast dispatches it."""
