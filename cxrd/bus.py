@@ -7,15 +7,21 @@ when the variable is unset), which is where systemd's user bus lives.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+from dbus_fast import DBusError
 from dbus_fast.aio import MessageBus
 
 from cxrd.errors import NotRunning
+
+# What connecting can raise: no socket or refused (OSError), a bad address or a
+# failed authentication (ValueError), no answer (TimeoutError), Hello refused.
+CONNECT_ERRORS: Final = (OSError, TimeoutError, ValueError, DBusError)
 
 
 def session_bus_address(env: Mapping[str, str] | None = None) -> str | None:
@@ -43,6 +49,15 @@ def require_session_bus(env: Mapping[str, str] | None = None) -> str:
             "no $XDG_RUNTIME_DIR/bus), so cxrd cannot be reached"
         )
     return address
+
+
+async def connect(address: str, *, timeout: float) -> MessageBus:
+    """A connection to ``address`` made within ``timeout``; raises one of CONNECT_ERRORS."""
+    bus = MessageBus(bus_address=address)
+    async with asyncio.timeout(timeout):
+        await bus.connect()
+    tolerate_full_socket(bus)
+    return bus
 
 
 class _SendWhenWritable:

@@ -24,7 +24,7 @@ from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from cxrd import wire
-from cxrd.bus import require_session_bus, tolerate_full_socket
+from cxrd.bus import CONNECT_ERRORS, connect, require_session_bus
 from cxrd.constants import BUS_NAME, DBUS, DBUS_PATH, INTERFACE, OBJECT_PATH, PROPERTIES
 from cxrd.errors import (
     AccessDenied,
@@ -137,13 +137,10 @@ class AsyncCloudXRClient:
         if self._bus is not None:
             return
         address = self._address or require_session_bus()
-        bus = MessageBus(bus_address=address)
         try:
-            async with asyncio.timeout(CALL_TIMEOUT):
-                await bus.connect()
-        except (OSError, TimeoutError, ValueError) as exc:
+            bus = await connect(address, timeout=CALL_TIMEOUT)
+        except CONNECT_ERRORS as exc:
             raise NotRunning(f"cannot connect to the session bus at {address}: {exc}") from None
-        tolerate_full_socket(bus)
         bus.add_message_handler(self._on_message)
         self._bus = bus
 

@@ -35,7 +35,7 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from cxrd import wire
-from cxrd.bus import require_session_bus, tolerate_full_socket
+from cxrd.bus import CONNECT_ERRORS, connect, require_session_bus
 from cxrd.constants import (
     BUS_NAME,
     DBUS,
@@ -525,13 +525,10 @@ async def serve_dbus(supervisor: Supervisor, *, bus_address: str | None = None) 
     bus: :class:`StartFailed` saying which address failed.
     """
     address = bus_address or require_session_bus()
-    bus = MessageBus(bus_address=address)
     try:
-        async with asyncio.timeout(_BUS_TIMEOUT):
-            await bus.connect()
-    except (OSError, TimeoutError, DBusError, ValueError) as exc:
+        bus = await connect(address, timeout=_BUS_TIMEOUT)
+    except CONNECT_ERRORS as exc:
         raise StartFailed(f"cannot connect to the session bus at {address}: {exc}") from None
-    tolerate_full_socket(bus)
     service = DBusService(bus, supervisor)
     try:
         await service._open()

@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from dbus_fast import Message, MessageFlag, MessageType
+
 from cxrd import constants as C
 from cxrd import eula
-from cxrd.bus import session_bus_address
+from cxrd.bus import CONNECT_ERRORS, connect, session_bus_address
 from cxrd.config import Config
 from cxrd.errors import CxrdError
 
@@ -107,15 +109,10 @@ def _probe_bus() -> _BusFacts:
 
 
 async def _ask_bus(address: str) -> _BusFacts:
-    from dbus_fast import Message, MessageFlag, MessageType
-    from dbus_fast.aio import MessageBus
-    from dbus_fast.errors import AuthError
-
     facts = _BusFacts(address=address)
     try:
-        async with asyncio.timeout(_TIMEOUT):
-            bus = await MessageBus(bus_address=address).connect()
-    except (OSError, TimeoutError, ValueError, AuthError) as exc:
+        bus = await connect(address, timeout=_TIMEOUT)
+    except CONNECT_ERRORS as exc:
         facts.error = f"cannot connect to {address}: {exc}"
         return facts
 

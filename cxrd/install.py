@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from dbus_fast import Message, MessageType
+
 from cxrd import constants as C
-from cxrd.bus import session_bus_address
+from cxrd.bus import CONNECT_ERRORS, connect, session_bus_address
 from cxrd.errors import CxrdError
 
 MANIFEST_NAME = "install-manifest.json"
@@ -301,13 +303,9 @@ def _bus_reload_config() -> str | None:
 
 
 async def _call_reload_config(address: str) -> str | None:
-    from dbus_fast import Message, MessageType
-    from dbus_fast.aio import MessageBus
-    from dbus_fast.errors import AuthError
-
     try:
         async with asyncio.timeout(_RELOAD_TIMEOUT):
-            bus = await MessageBus(bus_address=address).connect()
+            bus = await connect(address, timeout=_RELOAD_TIMEOUT)
             try:
                 reply = await bus.call(
                     Message(
@@ -319,7 +317,7 @@ async def _call_reload_config(address: str) -> str | None:
                 )
             finally:
                 bus.disconnect()
-    except (OSError, TimeoutError, ValueError, AuthError) as exc:
+    except CONNECT_ERRORS as exc:
         return f"session bus not reached ({exc}); it rereads service files on its next start"
     if reply is None or reply.message_type == MessageType.ERROR:
         detail = reply.error_name if reply is not None else "no reply"
