@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -175,43 +176,8 @@ def _print_status(snap: Snapshot, as_json: bool) -> None:
 
 
 def _snapshot_json(snap: Snapshot) -> dict[str, Any]:
-    return {
-        "running": True,
-        "state": str(snap.state),
-        "backend": snap.backend,
-        "runtime": {
-            "pid": snap.runtime.pid,
-            "started_at": snap.runtime.started_at,
-            "restarts": snap.runtime.restarts,
-            "last_exit": snap.runtime.last_exit,
-        },
-        "proxy": {
-            "pid": snap.proxy.pid,
-            "port": snap.proxy.port,
-            "url": snap.proxy.url,
-            "restarts": snap.proxy.restarts,
-            "last_exit": snap.proxy.last_exit,
-        },
-        "device_profile": snap.device_profile,
-        "environment": dict(snap.environment),
-        "env_file": snap.env_file,
-        "logs": dict(snap.logs),
-        "install_dir": snap.install_dir,
-        "uptime": snap.uptime,
-        "last_error": snap.last_error,
-        "version": snap.version,
-        "interface_version": snap.interface_version,
-        "leases": [
-            {
-                "id": lease.id,
-                "holder": lease.holder,
-                "pid": lease.pid,
-                "reason": lease.reason,
-                "since": lease.since,
-            }
-            for lease in snap.leases
-        ],
-    }
+    """The snapshot as it is, field by field (``state`` is a str enum, so JSON shows its value)."""
+    return {"running": True, **dataclasses.asdict(snap)}
 
 
 def _print_down(args: argparse.Namespace, why: str) -> None:
