@@ -92,13 +92,6 @@ class LeaseInfo:
         return self.snapshot.environment
 
 
-def _state(text: str) -> State:
-    try:
-        return State(text)
-    except ValueError:
-        return State.FAILED
-
-
 def error_from_reply(name: str, text: str) -> CxrdError:
     """The exception for a D-Bus error reply."""
     cls = error_for_dbus_name(name)
@@ -428,7 +421,9 @@ class AsyncCloudXRClient:
         elif msg.path == OBJECT_PATH:
             if msg.interface == INTERFACE and msg.member == "StateChanged":
                 new, old, reason = msg.body
-                event = StateEvent(new=_state(new), old=_state(old), reason=reason)
+                event = StateEvent(
+                    new=wire.state_from_wire(new), old=wire.state_from_wire(old), reason=reason
+                )
             elif (
                 msg.interface == PROPERTIES
                 and msg.member == "PropertiesChanged"

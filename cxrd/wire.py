@@ -118,17 +118,20 @@ def _get(data: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
     return value if isinstance(value, kind) else default
 
 
+def state_from_wire(text: str) -> State:
+    """A state name from the daemon; one this client does not know reads as failed."""
+    try:
+        return State(text)
+    except ValueError:
+        return State.FAILED
+
+
 def snapshot_from_wire(data: Mapping[str, Any]) -> Snapshot:
     """The client's reading of ``Status()``; tolerant of added and missing keys."""
     runtime = _get(data, "runtime", dict, {})
     proxy = _get(data, "proxy", dict, {})
-    state_text = _get(data, "state", str, "stopped")
-    try:
-        state = State(state_text)
-    except ValueError:
-        state = State.FAILED
     return Snapshot(
-        state=state,
+        state=state_from_wire(_get(data, "state", str, "stopped")),
         backend=_get(data, "backend", str, ""),
         runtime=RuntimeStatus(
             pid=_get(runtime, "pid", int, 0),
