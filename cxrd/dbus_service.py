@@ -394,10 +394,6 @@ class DBusService:
         self._unsubscribe: Callable[[], None] | None = None
         self._closed = False
 
-    @property
-    def bus(self) -> MessageBus:
-        return self._bus
-
     async def _open(self) -> None:
         self._bus.add_message_handler(self._on_message)
         self._bus.export(OBJECT_PATH, self._interface)

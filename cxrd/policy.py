@@ -31,9 +31,6 @@ class RestartPolicy:
         attempt = len(self._crashes) - 1
         return float(min(self.backoff_max, self.backoff_initial * self.backoff_factor**attempt))
 
-    def reset(self) -> None:
-        self._crashes.clear()
-
     @property
     def recent_crashes(self) -> int:
         return len(self._crashes)

@@ -146,10 +146,6 @@ class Supervisor:
     def state(self) -> State:
         return self._state
 
-    @property
-    def config(self) -> Config:
-        return self._config
-
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)

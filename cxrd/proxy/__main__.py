@@ -27,7 +27,6 @@ from cxrd.proxy.server import ProxyOptions, ProxyServer, server_tls_context
 
 PR_SET_PDEATHSIG = 1
 READY_MESSAGE = b"READY\n"
-EXIT_USAGE = 2
 
 log = logging.getLogger("cxrd.proxy")
 
