@@ -342,23 +342,20 @@ def _check_runtime_package(config: Config) -> Check:
     backend = config.runtime.backend
     if backend == "sim":
         return Check("runtime package", "ok", "sim backend: the simulator needs no runtime")
+    # What the daemon's backend sees: its own environment with runtime.env on top.
+    seen = {**os.environ, **config.runtime.env}
     if backend == "command":
-        exe = config.runtime.command[0]
-        found = shutil.which(exe)
-        if found is None:
-            return Check(
-                "runtime package",
-                "fail",
-                f"runtime.command {exe!r} not found",
-                "fix runtime.command in cxrd.toml",
-            )
+        from cxrd.runtimes.command import resolve_program
+
+        try:
+            found = resolve_program(config.runtime.command[0], seen.get("PATH", os.defpath))
+        except CxrdError as exc:
+            return Check("runtime package", "fail", str(exc), "fix runtime.command in cxrd.toml")
         return Check("runtime package", "ok", f"runtime.command runs {found}")
     from cxrd.runtimes import isaacteleop
 
-    seen = {**os.environ, **config.runtime.env}
-    sub = isaacteleop.EXPERIMENTAL if isaacteleop.wants_experimental(seen) else isaacteleop.STABLE
     try:
-        native = isaacteleop.find_native_dir(sub)
+        sub, native = isaacteleop.find_runtime(seen)
     except CxrdError as exc:
         return Check("runtime package", "fail", str(exc), type(exc).hint)
     return Check("runtime package", "ok", f"{isaacteleop.PACKAGE}.{sub} at {native}")

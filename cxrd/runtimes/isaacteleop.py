@@ -89,6 +89,12 @@ def find_native_dir(subpackage: str, package: str = PACKAGE) -> Path:
     )
 
 
+def find_runtime(env: Mapping[str, str]) -> tuple[str, Path]:
+    """The subpackage isaacteleop would run under ``env``, and its native dir."""
+    subpackage = EXPERIMENTAL if wants_experimental(env) else STABLE
+    return subpackage, find_native_dir(subpackage)
+
+
 def worker_argv(module: str) -> tuple[str, ...]:
     """A fresh interpreter that runs ``<module>.runtime.run()``.
 
@@ -112,8 +118,7 @@ def preload(native: Path, existing: str) -> str | None:
 def prepare(config: Config, device_profile: str) -> RuntimeLaunch:
     environment = runtime_environment(config, device_profile)
     seen = {**os.environ, **environment}
-    subpackage = EXPERIMENTAL if wants_experimental(seen) else STABLE
-    native = find_native_dir(subpackage)
+    subpackage, native = find_runtime(seen)
     install = config.install_path
     if not eula.is_accepted(install):
         raise EulaNotAccepted(
