@@ -254,15 +254,17 @@ def _check_unit() -> Check:
 
 
 def _find_unit_file() -> Path | None:
-    config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    for directory in (
-        Path(config) / "systemd" / "user",
-        Path("/etc/systemd/user"),
-        Path("/usr/local/lib/systemd/user"),
-        Path("/usr/lib/systemd/user"),
+    """Where ``cxrctl install`` (for this user, /usr/local or /usr) or an admin put the unit."""
+    from cxrd.install import Layout
+
+    for path in (
+        Layout.for_prefix(None).unit,
+        Path("/etc/systemd/user") / C.UNIT_NAME,
+        Layout.for_prefix(Path("/usr/local")).unit,
+        Layout.for_prefix(Path("/usr")).unit,
     ):
-        if (directory / C.UNIT_NAME).is_file():
-            return directory / C.UNIT_NAME
+        if path.is_file():
+            return path
     return None
 
 
