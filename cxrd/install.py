@@ -37,7 +37,8 @@ from cxrd.errors import CxrdError
 
 MANIFEST_NAME = "install-manifest.json"
 _RELOAD_TIMEOUT = 10.0
-_SYSTEMD_SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+# A word both systemd and dbus-daemon take as is, unquoted.
+_PLAIN_WORD = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
 
 
 class InstallConflict(CxrdError):
@@ -111,7 +112,7 @@ def systemd_quote(argv: Sequence[str]) -> str:
         if index > 0:
             # systemd expands $VAR in arguments; the executable's path is taken as is.
             escaped = escaped.replace("$", "$$")
-        if not _SYSTEMD_SAFE.match(escaped):
+        if not _PLAIN_WORD.match(escaped):
             escaped = '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
         words.append(escaped)
     return " ".join(words)
@@ -121,7 +122,7 @@ def dbus_quote(argv: Sequence[str]) -> str:
     """One ``Exec=`` value for dbus-daemon, whose parser follows the shell's quoting."""
     words = []
     for arg in argv:
-        if re.match(r"^[A-Za-z0-9_@%+=:,./-]+$", arg):
+        if _PLAIN_WORD.match(arg):
             words.append(arg)
         else:
             words.append("'" + arg.replace("'", "'\\''") + "'")
