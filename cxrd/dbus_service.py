@@ -27,7 +27,15 @@ from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import Annotated, Any
 
-from dbus_fast import DBusError, Message, MessageType, NameFlag, RequestNameReply, Variant
+from dbus_fast import (
+    DBusError,
+    Message,
+    MessageFlag,
+    MessageType,
+    NameFlag,
+    RequestNameReply,
+    Variant,
+)
 from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32
@@ -60,7 +68,6 @@ _NAME_LEFT_RULE = (
     f"type='signal',sender='{DBUS}',path='{DBUS_PATH}',interface='{DBUS}',"
     "member='NameOwnerChanged',arg2=''"
 )
-_NO_REPLY_EXPECTED = 0x1  # MessageFlag.NO_REPLY_EXPECTED
 _BUS_TIMEOUT = 10.0  # seconds for one call to the bus driver or for connecting
 
 _CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("cxrd_dbus_caller", default="")
@@ -440,7 +447,7 @@ class DBusService:
         return None
 
     def _deny(self, msg: Message) -> Message | bool:
-        if msg.flags.value & _NO_REPLY_EXPECTED:
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return True
         return Message.new_error(
             msg, AccessDenied.dbus_name(), f"only uid {self._uid} may use {BUS_NAME}"
