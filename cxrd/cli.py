@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from cxrd import __version__
 from cxrd import constants as C
@@ -34,6 +34,8 @@ from cxrd.errors import CxrdError, EulaNotAccepted, InvalidArgs, NotRunning
 from cxrd.rundir import read_last_error
 from cxrd.state import State
 from cxrd.status import Snapshot
+
+_T = TypeVar("_T")
 
 EXIT_READY = 0
 EXIT_TRANSITION = 1
@@ -115,13 +117,14 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides=overrides)
 
 
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    return asyncio.run(coro)
+def _with_client(fn: Callable[[AsyncCloudXRClient], Coroutine[Any, Any, _T]]) -> _T:
+    """Run ``fn`` with a client connected for it, on a loop of its own."""
 
+    async def call() -> _T:
+        async with AsyncCloudXRClient() as client:
+            return await fn(client)
 
-async def _client_call(fn: Callable[[AsyncCloudXRClient], Coroutine[Any, Any, int]]) -> int:
-    async with AsyncCloudXRClient() as client:
-        return await fn(client)
+    return asyncio.run(call())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -131,7 +134,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _STATUS_EXIT.get(snap.state, EXIT_TRANSITION)
 
     try:
-        return _run(_client_call(ask))
+        return _with_client(ask)
     except NotRunning as err:
         _print_down(args, str(err))
         return EXIT_NOT_RUNNING
@@ -223,7 +226,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             Out(sys.stdout).line("start requested; `cxrctl wait` waits until ready")
             return 0
 
-        return _run(_client_call(request))
+        return _with_client(request)
 
     async def start(client: AsyncCloudXRClient) -> int:
         coro = client.start(timeout=args.timeout, device_profile=args.profile)
@@ -231,7 +234,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         _print_ready(snap, f"ready in {elapsed:.1f} s")
         return 0
 
-    return _run(_client_call(start))
+    return _with_client(start)
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
@@ -241,7 +244,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
         _print_ready(snap, f"restarted in {elapsed:.1f} s")
         return 0
 
-    return _run(_client_call(restart))
+    return _with_client(restart)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -251,7 +254,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
         _print_ready(snap, f"ready after {elapsed:.1f} s")
         return 0
 
-    return _run(_client_call(wait))
+    return _with_client(wait)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -261,7 +264,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return _run(_client_call(stop))
+        return _with_client(stop)
     except NotRunning:
         Out(sys.stdout).line("not running")
         return 0
@@ -306,7 +309,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         Out(sys.stdout).line(format_env(values, args.shell))
         return 0
 
-    return _run(_client_call(env))
+    return _with_client(env)
 
 
 def format_env(env: dict[str, str], shell: str) -> str:
@@ -366,11 +369,10 @@ def _log_files(args: argparse.Namespace) -> list[Path]:
 
 
 def _run_snapshot_logs() -> dict[str, str]:
-    async def once() -> dict[str, str]:
-        async with AsyncCloudXRClient() as client:
-            return dict((await client.status()).logs)
+    async def logs(client: AsyncCloudXRClient) -> dict[str, str]:
+        return dict((await client.status()).logs)
 
-    return asyncio.run(once())
+    return _with_client(logs)
 
 
 def _mtime(path: Path) -> float:
