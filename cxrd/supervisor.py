@@ -436,8 +436,7 @@ class Supervisor:
     async def _start_runtime(self) -> None:
         launch = self._runtime_launch
         assert launch is not None
-        run_dir = self._config.run_dir
-        rundir.ensure_run_dir(run_dir)
+        run_dir = self._config.run_dir  # made, 0700, by prepare_runtime()
         holder = rundir.live_runtime_pid(run_dir)
         if holder is not None:
             who = f" (pid {holder})" if holder else ""

@@ -12,6 +12,7 @@ from cxrd.config import Config
 from cxrd.envfile import check_env_value
 from cxrd.errors import InvalidArgs, InvalidConfig
 from cxrd.process import ChildSpec
+from cxrd.rundir import ensure_run_dir
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,9 @@ def runtime_environment(config: Config, device_profile: str) -> dict[str, str]:
 
 
 def ensure_dirs(config: Config) -> None:
-    """Create the run dir (0700 when new) and the logs dir; existing ones are left as found."""
+    """Create the run dir (0700, the run dir's one policy) and the logs dir."""
     try:
-        config.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_run_dir(config.run_dir)
         config.logs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InvalidConfig(
