@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
 import types
 import typing
@@ -20,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from cxrd import constants as C
+from cxrd.envfile import ENV_NAME
 from cxrd.errors import InvalidConfig
 
 BACKENDS = ("isaacteleop", "sim", "command")
 _T = typing.TypeVar("_T")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -154,7 +153,7 @@ def parse_env_file(path: Path) -> dict[str, str]:
             continue
         key, sep, value = line.removeprefix("export ").partition("=")
         key = key.strip()
-        if not sep or not _ENV_NAME.match(key):
+        if not sep or not ENV_NAME.match(key):
             raise InvalidConfig(f"{path}:{number}: expected KEY=value, got {raw!r}")
         result[key] = os.path.expanduser(os.path.expandvars(value.strip()))
     return result
@@ -175,7 +174,7 @@ def _apply_env_file(config: Config, path: Path) -> Config:
 def _check_env(env: Mapping[str, str], source: str, where: str, *, allow_profile: bool) -> None:
     prefix = f"{where}." if where else ""
     for key in env:
-        if not _ENV_NAME.match(key):
+        if not ENV_NAME.match(key):
             raise InvalidConfig(f"{source}: {prefix}{key}: not a valid environment variable name")
         if key in C.RESERVED_ENV_KEYS:
             raise InvalidConfig(

@@ -18,13 +18,13 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _EXPORT = "export "
 
 
 def check_env_value(key: str, value: str) -> None:
     """Raise :class:`ValueError` when ``key=value`` cannot be written to an env file."""
-    if not _NAME.match(key):
+    if not ENV_NAME.match(key):
         raise ValueError(f"{key!r}: not a valid environment variable name")
     if "\0" in value:
         raise ValueError(f"{key}: value contains a NUL byte")
@@ -75,7 +75,7 @@ def read_env_file(path: Path) -> dict[str, str]:
             continue
         key, sep, value = line.removeprefix(_EXPORT).partition("=")
         key = key.strip()
-        if not sep or not _NAME.match(key):
+        if not sep or not ENV_NAME.match(key):
             raise ValueError(f"{path}:{number}: expected export KEY=value, got {raw!r}")
         try:
             words = shlex.split(value, comments=False, posix=True)
