@@ -30,6 +30,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from cxrd.constants import DEFAULT_BACKEND_PORT
 from cxrd.ports import LISTEN_BACKLOG
 from cxrd.proxy import frames as F
 from cxrd.proxy import http
@@ -45,7 +46,7 @@ HEALTH_PROBE_TIMEOUT = 1.0
 @dataclass(frozen=True)
 class ProxyOptions:
     backend_host: str = "127.0.0.1"
-    backend_port: int = 49100
+    backend_port: int = DEFAULT_BACKEND_PORT
     max_message_size: int = 4 * 1024 * 1024
     max_connections: int = 64
     ping_interval: float = 20.0

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
+from cxrd.constants import DEFAULT_BACKEND_PORT
+
 _T = TypeVar("_T")
 
 PREFIX: Final = "CXRD_SIM_"
@@ -46,7 +48,7 @@ GRANDCHILD_PID_FILE: Final = "sim_grandchild.pid"
 
 DEFAULT_STARTUP_DELAY: Final = 0.0
 DEFAULT_SIGNALING_HOST: Final = "127.0.0.1"
-DEFAULT_SIGNALING_PORT: Final = 49100
+DEFAULT_SIGNALING_PORT: Final = DEFAULT_BACKEND_PORT
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
