@@ -31,9 +31,7 @@ class ChildSpec:
     name: str  # "runtime" or "proxy"; used in logs and errors
     argv: tuple[str, ...]
     env: Mapping[str, str]  # the child's whole environment
-    stderr: Path  # appended to; never a pipe
-    stdout: Path | None = None  # None: /dev/null
-    cwd: Path | None = None
+    stderr: Path  # appended to; never a pipe (stdout goes to /dev/null)
     pass_fds: tuple[int, ...] = field(default=())
 
 
@@ -94,21 +92,14 @@ class ProcessLauncher:
     async def spawn(self, spec: ChildSpec) -> Child:
         env = {k: v for k, v in spec.env.items() if k not in _DAEMON_ONLY_ENV}
         spec.stderr.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.ExitStack() as files:
-            stderr = files.enter_context(open(spec.stderr, "ab"))
-            stdout = (
-                files.enter_context(open(spec.stdout, "ab"))
-                if spec.stdout is not None
-                else asyncio.subprocess.DEVNULL
-            )
+        with open(spec.stderr, "ab") as stderr:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *spec.argv,
                     stdin=asyncio.subprocess.DEVNULL,
-                    stdout=stdout,
+                    stdout=asyncio.subprocess.DEVNULL,
                     stderr=stderr,
                     env=env,
-                    cwd=spec.cwd,
                     pass_fds=spec.pass_fds,
                     start_new_session=True,
                 )

@@ -83,6 +83,24 @@ def test_stderr_flood_goes_to_the_file_and_never_blocks(tmp_path: Path) -> None:
     assert log.stat().st_size == 8_000_000 + len("done\n")
 
 
+def test_stdout_goes_to_dev_null_like_isaacteleops_runtime(tmp_path: Path) -> None:
+    async def go() -> int:
+        launcher = ProcessLauncher()
+        try:
+            child = await launcher.spawn(
+                spec(
+                    tmp_path,
+                    "head -c 4000000 /dev/zero; out=$(readlink /proc/$$/fd/1); echo $out >&2",
+                )
+            )
+            return await child.wait()
+        finally:
+            launcher.close()
+
+    assert run(go()) == 0
+    assert (tmp_path / "logs" / "child.stderr").read_text() == "/dev/null\n"
+
+
 def test_daemon_only_variables_do_not_leak_to_children(tmp_path: Path) -> None:
     async def go() -> int:
         launcher = ProcessLauncher()

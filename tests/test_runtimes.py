@@ -51,7 +51,6 @@ def spawned(launch: RuntimeLaunch) -> Iterator[subprocess.Popen[bytes]]:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=err,
-            cwd=spec.cwd,
             start_new_session=True,
         )
     try:
@@ -138,7 +137,6 @@ def test_prepare_makes_a_private_run_dir_and_logs_but_writes_no_env_file(tmp_pat
     assert not (config.run_dir / C.ENV_FILE).exists()
     assert launch.stderr_log == launch.spec.stderr == config.logs_dir / C.RUNTIME_STDERR_LOG
     assert launch.logs_dir == config.logs_dir
-    assert launch.spec.stdout is None
 
 
 def test_a_line_break_in_runtime_env_is_a_config_error(tmp_path: Path) -> None:

@@ -94,7 +94,6 @@ def build_launch(
         argv=argv,
         env=child_env(environment, extras),
         stderr=stderr_log,
-        stdout=None,
     )
     return RuntimeLaunch(
         backend=backend,
