@@ -93,6 +93,12 @@ Event = StateChanged | Updated
 
 @dataclass
 class _ChildRecord:
+    """One of the two children: how to start and explain it, and what it has done."""
+
+    name: str  # "runtime" or "proxy"
+    start: Callable[[], Awaitable[None]]  # spawn and wait until ready
+    diagnose: Callable[[], str]  # log tails that explain its end
+    policy: RestartPolicy
     handle: ChildHandle | None = None
     restarts: int = 0
     last_exit: str = ""
@@ -122,12 +128,14 @@ class Supervisor:
         self._state = State.STOPPED
         self._profile = config.runtime.device_profile
         self._listeners: list[Callable[[Event], None]] = []
-        self._runtime = _ChildRecord()
-        self._proxy = _ChildRecord()
+        self._runtime = _ChildRecord(
+            "runtime", self._start_runtime, self._runtime_diagnosis, self._new_policy()
+        )
+        self._proxy = _ChildRecord(
+            "proxy", self._start_proxy, self._proxy_diagnosis, self._new_policy()
+        )
         self._runtime_launch: RuntimeLaunch | None = None
         self._proxy_launch: ProxyLaunch | None = None
-        self._runtime_policy = self._new_policy()
-        self._proxy_policy = self._new_policy()
         self._stderr_offset = 0
         self._proxy_stderr: Path | None = None
         self._server_log = ""
@@ -266,8 +274,8 @@ class Supervisor:
             config = replace(config, install_dir=old.install_dir)
         self._notifier.notify("RELOADING=1", "STATUS=Reloading the configuration")
         self._config = config
-        self._runtime_policy = self._new_policy()
-        self._proxy_policy = self._new_policy()
+        for record in (self._runtime, self._proxy):
+            record.policy = self._new_policy()
         runtime_changed = old.runtime != config.runtime or (
             old.proxy.backend_port != config.proxy.backend_port
         )
@@ -279,7 +287,7 @@ class Supervisor:
             await self.restart(device_profile=config.runtime.device_profile)
         elif self._state is State.READY and proxy_changed:
             log.info("proxy settings changed: restarting the proxy alone")
-            await self._stop_child(self._proxy, "proxy")
+            await self._stop_child(self._proxy)
             self._drop_proxy_listener()
             if config.proxy.enabled:
                 self._proxy_launch = prepare_proxy(config)
@@ -421,7 +429,7 @@ class Supervisor:
     def _startup_timeout(self) -> CxrdError:
         cfg = self._config
         sentinel = cfg.run_dir / C.SENTINEL_FILE
-        tail = self._diagnosis("runtime")
+        tail = self._runtime_diagnosis()
         if self._runtime.pid and not sentinel.exists():
             what = f"the runtime (pid {self._runtime.pid}) did not create {sentinel}"
         elif self._runtime.pid:
@@ -456,7 +464,7 @@ class Supervisor:
         child = await self._launcher.spawn(launch.spec)
         self._runtime.handle = child
         self._emit(Updated())
-        await self._race(self._readiness(run_dir / C.SENTINEL_FILE), child, "runtime")
+        await self._race(self._readiness(run_dir / C.SENTINEL_FILE), self._runtime)
         server = newest_log(launch.logs_dir, C.SERVER_LOG_GLOB, since=child.started_at)
         self._server_log = str(server) if server else ""
 
@@ -475,12 +483,13 @@ class Supervisor:
             os.close(write_end)
         self._proxy.handle = child
         self._emit(Updated())
-        await self._race(read_ready_line(read_end), child, "proxy")
+        await self._race(read_ready_line(read_end), self._proxy)
 
-    async def _race(self, ready: Awaitable[None], child: ChildHandle, what: str) -> None:
+    async def _race(self, ready: Awaitable[None], record: _ChildRecord) -> None:
         """Wait for ``ready``; if the child exits first, fail with its diagnosis."""
+        assert record.handle is not None
         ready_task = asyncio.ensure_future(ready)
-        exit_task = asyncio.ensure_future(child.wait())
+        exit_task = asyncio.ensure_future(record.handle.wait())
         try:
             await asyncio.wait({ready_task, exit_task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -488,12 +497,11 @@ class Supervisor:
                 task.cancel()
             await asyncio.gather(ready_task, exit_task, return_exceptions=True)
         if not exit_task.cancelled() and exit_task.exception() is None:
-            record = self._runtime if what == "runtime" else self._proxy
             record.last_exit = describe_exit(exit_task.result())
-            tail = self._diagnosis(what)
+            tail = record.diagnose()
             line = headline(tail)
             raise StartFailed(
-                f"the {what} {as_verb(record.last_exit)} before it was ready"
+                f"the {record.name} {as_verb(record.last_exit)} before it was ready"
                 + (f": {line}" if line else ""),
                 detail=tail,
             )
@@ -501,10 +509,10 @@ class Supervisor:
 
     async def _supervise(self) -> None:
         while True:
-            waits: dict[asyncio.Future[int], str] = {}
-            for record, name in ((self._runtime, "runtime"), (self._proxy, "proxy")):
+            waits: dict[asyncio.Future[int], _ChildRecord] = {}
+            for record in (self._runtime, self._proxy):
                 if record.handle is not None:
-                    waits[asyncio.ensure_future(record.handle.wait())] = name
+                    waits[asyncio.ensure_future(record.handle.wait())] = record
             try:
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -512,22 +520,17 @@ class Supervisor:
                     task.cancel()
             await self._recover(waits[done.pop()])
 
-    async def _recover(self, what: str) -> None:
+    async def _recover(self, record: _ChildRecord) -> None:
         """A child died after ready: restart it alone, with backoff, or give up."""
-        record, policy = (
-            (self._runtime, self._runtime_policy)
-            if what == "runtime"
-            else (self._proxy, self._proxy_policy)
-        )
         assert record.handle is not None
         record.last_exit = describe_exit(record.handle.returncode)
-        tail = self._diagnosis(what)
-        cause = f"the {what} {as_verb(record.last_exit)}"
+        tail = record.diagnose()
+        cause = f"the {record.name} {as_verb(record.last_exit)}"
+        r = self._config.restart
         while True:
             line = headline(tail)
-            delay = policy.record_crash(self._clock())
+            delay = record.policy.record_crash(self._clock())
             if delay is None:
-                r = self._config.restart
                 raise GaveUp(
                     f"{cause} and crashed more than {r.max_restarts} times within "
                     f"{r.window:g} s; giving up" + (f" (last: {line})" if line else ""),
@@ -538,39 +541,38 @@ class Supervisor:
             self._set_state(
                 State.RESTARTING,
                 f"{cause}; restarting it in {delay:.1f} s "
-                f"(crash {policy.recent_crashes} of at most {self._config.restart.max_restarts}"
-                f" in {self._config.restart.window:g} s)",
+                f"(crash {record.policy.recent_crashes} of at most {r.max_restarts}"
+                f" in {r.window:g} s)",
             )
             await asyncio.sleep(delay)
-            start = self._start_runtime if what == "runtime" else self._start_proxy
             try:
                 async with asyncio.timeout(self._config.runtime.startup_timeout):
-                    await start()
+                    await record.start()
             except StartFailed as err:
                 cause, tail = str(err), err.detail
                 continue
             except TimeoutError:
-                await self._stop_child(record, what)
-                cause = f"the {what} did not become ready again within the startup timeout"
-                tail = self._diagnosis(what)
+                await self._stop_child(record)
+                cause = f"the {record.name} did not become ready again within the startup timeout"
+                tail = record.diagnose()
                 continue
             break
-        self._set_state(State.READY, f"{what} restarted; " + self._ready_words())
+        self._set_state(State.READY, f"{record.name} restarted; " + self._ready_words())
 
-    async def _stop_child(self, record: _ChildRecord, what: str) -> None:
+    async def _stop_child(self, record: _ChildRecord) -> None:
         handle = record.handle
         if handle is None:
             return
         code = await handle.stop(self._config.runtime.stop_timeout)
         if not record.last_exit:
             record.last_exit = describe_exit(code)
-        log.info("%s (pid %d) stopped: %s", what, handle.pid, describe_exit(code))
+        log.info("%s (pid %d) stopped: %s", record.name, handle.pid, describe_exit(code))
         self._emit(Updated())
 
     async def _stop_children(self) -> None:
         await asyncio.gather(
-            self._stop_child(self._runtime, "runtime"),
-            self._stop_child(self._proxy, "proxy"),
+            self._stop_child(self._runtime),
+            self._stop_child(self._proxy),
         )
 
     async def _bring_down(self, reason: str, *, final: bool) -> None:
@@ -582,10 +584,7 @@ class Supervisor:
             life.cancel()
             await asyncio.wait({life})
         await self._stop_children()
-        run_dir = self._config.run_dir
-        with contextlib.suppress(FileNotFoundError):
-            (run_dir / C.ENV_FILE).unlink()
-        rundir.remove_stale(run_dir)
+        self._clear_run_files()
 
     async def _stop(self, reason: str) -> None:
         try:
@@ -596,6 +595,19 @@ class Supervisor:
                 self._ready.set_exception(StartFailed("stopped by request while starting"))
             self._set_state(State.STOPPED, "both groups stopped")
             self._exit_future().set_result(0)
+
+    def _clear_run_files(self) -> None:
+        """Remove what our stopped runtime left: cloudxr.env and the stale files.
+
+        Nothing when we never started one, or when a live runtime (not ours:
+        ours is stopped) answers there: those files are its.
+        """
+        run_dir = self._config.run_dir
+        if self._runtime.handle is None or rundir.live_runtime_pid(run_dir) is not None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / C.ENV_FILE).unlink()
+        rundir.remove_stale(run_dir)
 
     def _drop_proxy_listener(self) -> None:
         if self._proxy_launch is not None:
@@ -618,17 +630,16 @@ class Supervisor:
             await self._stop_children()
         finally:
             self._drop_proxy_listener()
-            with contextlib.suppress(FileNotFoundError):
-                (run_dir / C.ENV_FILE).unlink()
+            self._clear_run_files()
             if not self._exit_future().done():
                 self._exit_future().set_result(err.exit_code)
 
     # ---- diagnosis ---------------------------------------------------------
 
-    def _diagnosis(self, what: str) -> str:
-        """The log tails that explain the runtime's or the proxy's end."""
-        if what == "proxy":
-            return log_section(self._proxy_stderr, max_lines=10) if self._proxy_stderr else ""
+    def _proxy_diagnosis(self) -> str:
+        return log_section(self._proxy_stderr, max_lines=10) if self._proxy_stderr else ""
+
+    def _runtime_diagnosis(self) -> str:
         launch = self._runtime_launch
         if launch is None:
             return ""

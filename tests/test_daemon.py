@@ -206,6 +206,8 @@ def test_a_live_runtime_not_ours_is_refused_naming_its_pid(
     daemon_env: DaemonEnv, notify: NotifySocket
 ) -> None:
     daemon_env.run_dir.mkdir(parents=True, mode=0o700)
+    theirs = daemon_env.run_dir / "cloudxr.env"
+    theirs.write_text("export NV_DEVICE_PROFILE=AppleVisionPro\n")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as foreign:
         foreign.bind(str(daemon_env.run_dir / "ipc_cloudxr"))
         foreign.listen()
@@ -214,6 +216,7 @@ def test_a_live_runtime_not_ours_is_refused_naming_its_pid(
     status = notify.statuses()[-1]
     assert f"not started by this cxrd (pid {os.getpid()})" in status
     assert (daemon_env.run_dir / "ipc_cloudxr").exists(), "a live runtime's socket is left alone"
+    assert theirs.read_text() == "export NV_DEVICE_PROFILE=AppleVisionPro\n", "and its env file"
 
 
 def test_proxy_crash_restarts_the_proxy_alone(daemon_env: DaemonEnv, notify: NotifySocket) -> None:
