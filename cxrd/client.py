@@ -35,7 +35,7 @@ from cxrd.errors import (
     Timeout,
     error_for_dbus_name,
 )
-from cxrd.state import State
+from cxrd.state import State, StateChanged
 from cxrd.status import Snapshot
 
 CALL_TIMEOUT = 25.0  # seconds for a call that does not wait on the runtime (libdbus's default)
@@ -55,15 +55,6 @@ _T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
-class StateEvent:
-    """The daemon's ``StateChanged`` signal."""
-
-    new: State
-    old: State
-    reason: str
-
-
-@dataclass(frozen=True)
 class PropertiesEvent:
     """``PropertiesChanged``: property name -> new value (plain Python)."""
 
@@ -77,6 +68,8 @@ class OwnerEvent:
     owner: str
 
 
+# The daemon's StateChanged signal, as the client sees it.
+StateEvent = StateChanged
 ClientEvent = StateEvent | PropertiesEvent | OwnerEvent
 
 

@@ -56,7 +56,8 @@ from cxrd.constants import (
     PEER,
 )
 from cxrd.errors import AccessDenied, AlreadyServing, CxrdError, StartFailed
-from cxrd.supervisor import Event, StateChanged, Supervisor
+from cxrd.state import StateChanged
+from cxrd.supervisor import Event, Supervisor
 
 _log = logging.getLogger(__name__)
 

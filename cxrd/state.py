@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 
 class State(enum.StrEnum):
@@ -28,6 +29,15 @@ _ALLOWED: dict[State, frozenset[State]] = {
     # FAILED is final: the daemon exits with the error's code.
     State.FAILED: frozenset(),
 }
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    """A change and why: the supervisor's event, the D-Bus signal, the client's view of it."""
+
+    new: State
+    old: State
+    reason: str
 
 
 class IllegalTransition(RuntimeError):

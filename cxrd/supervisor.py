@@ -37,7 +37,7 @@ from cxrd.policy import RestartPolicy
 from cxrd.process import ChildSpec, describe_exit, read_ready_line
 from cxrd.proxy.launch import ProxyLaunch, prepare_proxy
 from cxrd.runtimes import RuntimeLaunch, prepare_runtime
-from cxrd.state import DESCRIPTIONS, State, check_transition
+from cxrd.state import DESCRIPTIONS, State, StateChanged, check_transition
 from cxrd.status import Lease, ProxyStatus, RuntimeStatus, Snapshot
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,6 @@ Readiness = Callable[[Path], Awaitable[None]]
 
 
 # ---- events ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StateChanged:
-    new: State
-    old: State
-    reason: str
 
 
 @dataclass(frozen=True)
