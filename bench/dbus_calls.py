@@ -34,9 +34,9 @@ from typing import Any
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
-from cxrd.bus import tolerate_full_socket
 from cxrd.client import AsyncCloudXRClient
 from cxrd.constants import BUS_NAME, INTERFACE, OBJECT_PATH
+from cxrd.dbus.connection import tolerate_full_socket
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">

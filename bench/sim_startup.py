@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cxrd.readiness import wait_for_file
+from cxrd.system.readiness import wait_for_file
 
 
 def free_port() -> int:

@@ -23,9 +23,11 @@ from typing import Any, TypeVar
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from cxrd import wire
-from cxrd.bus import CONNECT_ERRORS, connect, require_session_bus
 from cxrd.constants import BUS_NAME, DBUS, DBUS_PATH, INTERFACE, OBJECT_PATH, PROPERTIES
+from cxrd.core.snapshot import Snapshot
+from cxrd.core.states import State, StateChanged
+from cxrd.dbus import wire
+from cxrd.dbus.connection import CONNECT_ERRORS, connect, require_session_bus
 from cxrd.errors import (
     AccessDenied,
     Busy,
@@ -35,8 +37,6 @@ from cxrd.errors import (
     Timeout,
     error_for_dbus_name,
 )
-from cxrd.state import State, StateChanged
-from cxrd.status import Snapshot
 
 CALL_TIMEOUT = 25.0  # seconds for a call that does not wait on the runtime (libdbus's default)
 START_TIMEOUT = 300.0  # a Start without a timeout of its own still ends some day

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from cxrd import constants as C
-from cxrd.envfile import ENV_NAME
 from cxrd.errors import InvalidConfig
+from cxrd.system.envfile import ENV_NAME
 
 BACKENDS = ("isaacteleop", "sim", "command")
 _T = typing.TypeVar("_T")

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from cxrd import __version__
-from cxrd.bus import session_bus_address
 from cxrd.config import BACKENDS, Config, load_config
-from cxrd.dbus_service import DBusService, serve_dbus
+from cxrd.core.supervisor import Supervisor
+from cxrd.dbus.connection import session_bus_address
+from cxrd.dbus.service import DBusService, serve_dbus
 from cxrd.errors import AlreadyServing, CxrdError, InvalidConfig, StartFailed
-from cxrd.notify import SdNotifier
-from cxrd.process import ProcessLauncher
-from cxrd.readiness import wait_for_file
-from cxrd.rundir import InstallLock
-from cxrd.supervisor import Supervisor
+from cxrd.system.notify import SdNotifier
+from cxrd.system.process import ProcessLauncher
+from cxrd.system.readiness import wait_for_file
+from cxrd.system.rundir import InstallLock
 
 log = logging.getLogger("cxrd")
 

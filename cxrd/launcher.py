@@ -32,9 +32,9 @@ from typing import Any
 from cxrd import constants as C
 from cxrd.client import CloudXRClient
 from cxrd.config import parse_env_file
+from cxrd.core.snapshot import Snapshot
+from cxrd.core.states import State
 from cxrd.errors import CxrdError, NotRunning, ProfileMismatch
-from cxrd.state import State
-from cxrd.status import Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class CloudXRLauncher:
         self._lease: str | None = None
         self._snapshot: Snapshot | None = None
         if accept_eula:
-            from cxrd import eula
+            from cxrd.system import eula
 
             if not eula.is_accepted(self._install_path):
                 eula.accept(self._install_path)

@@ -10,8 +10,8 @@ from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from support import TIMEOUT
 
-from cxrd.bus import tolerate_full_socket
 from cxrd.constants import BUS_NAME, INTERFACE, OBJECT_PATH
+from cxrd.dbus.connection import tolerate_full_socket
 
 T = TypeVar("T")
 PROPS = "org.freedesktop.DBus.Properties"

@@ -18,6 +18,7 @@ from cxrd.client import (
     StateEvent,
     error_from_reply,
 )
+from cxrd.core.states import State
 from cxrd.errors import (
     ALL_ERRORS,
     AccessDenied,
@@ -27,7 +28,6 @@ from cxrd.errors import (
     StartFailed,
     Timeout,
 )
-from cxrd.state import State
 
 
 def test_every_named_error_comes_back_as_its_class() -> None:

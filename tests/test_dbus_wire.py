@@ -6,12 +6,12 @@ import pytest
 from dbus_fast import DBusError, Variant
 from dbus_fast.service import ServiceInterface
 
-from cxrd import wire
 from cxrd.constants import INTERFACE
-from cxrd.dbus_service import FAILED, Daemon1, _translated, contract_interface, interface_shape
+from cxrd.core.snapshot import Lease, ProxyStatus, RuntimeStatus, Snapshot
+from cxrd.core.states import State
+from cxrd.dbus import wire
+from cxrd.dbus.service import FAILED, Daemon1, _translated, contract_interface, interface_shape
 from cxrd.errors import InvalidArgs, ProfileMismatch
-from cxrd.state import State
-from cxrd.status import Lease, ProxyStatus, RuntimeStatus, Snapshot
 
 SNAP = Snapshot(
     state=State.READY,

@@ -20,10 +20,10 @@ from fixtures_systemd import UserManager
 from support import free_port
 
 from cxrd import constants as C
-from cxrd import eula
+from cxrd.cli.doctor import Check, find_shared_library, run_checks, unit_exec_argv
+from cxrd.cli.install import install
 from cxrd.config import Config, ProxyConfig, RuntimeConfig
-from cxrd.doctor import Check, find_shared_library, run_checks, unit_exec_argv
-from cxrd.install import install
+from cxrd.system import eula
 
 
 def make_config(tmp_path: Path, backend: str = "sim", **proxy: object) -> Config:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support import TIMEOUT
 
-from cxrd.envfile import format_env, read_env_file, write_env_file
+from cxrd.system.envfile import format_env, read_env_file, write_env_file
 
 isaacteleop_env = pytest.importorskip("isaacteleop.cloudxr.env_config")
 

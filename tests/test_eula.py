@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support import TIMEOUT
 
-from cxrd import eula
+from cxrd.system import eula
 
 pytest.importorskip("isaacteleop.cloudxr.runtime")
 

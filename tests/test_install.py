@@ -14,7 +14,7 @@ from support import TIMEOUT
 
 from cxrd import constants as C
 from cxrd import errors
-from cxrd.install import InstallConflict, install, render_unit, uninstall
+from cxrd.cli.install import InstallConflict, install, render_unit, uninstall
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,7 @@ def run_install(env: dict[str, str], *args: str, check: bool = True) -> dict[str
     code = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from cxrd import install as i\n"
+        "from cxrd.cli import install as i\n"
         "verb, prefix, *argv = sys.argv[1:]\n"
         "kw = {'exec_argv': argv} if argv and verb == 'install' else {}\n"
         "fn = i.install if verb == 'install' else i.uninstall\n"

@@ -14,8 +14,8 @@ from fixtures_dbus import BusDaemon
 from support import TIMEOUT
 
 from cxrd.client import CloudXRClient
+from cxrd.core.states import State
 from cxrd.launcher import CloudXRLauncher, NoopContext
-from cxrd.state import State
 
 
 @pytest.fixture

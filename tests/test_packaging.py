@@ -110,7 +110,7 @@ def test_unpacked_environment_runs_cxrd_with_every_dependency(built: Built) -> N
     assert check.returncode == 0, check.stdout + check.stderr
     probe = subprocess.run(
         [str(python), "-I", "-c",
-         "import sys, cxrd, cxrd.install, dbus_fast, websockets, cryptography, sdnotify; "
+         "import sys, cxrd, cxrd.cli.install, dbus_fast, websockets, cryptography, sdnotify; "
          "print(sys.prefix); print(cxrd.__file__)"],
         capture_output=True, text=True, env=env, timeout=TIMEOUT * 3, check=False,
     )  # fmt: skip

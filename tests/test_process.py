@@ -14,7 +14,7 @@ from pathlib import Path
 from fixtures_daemon import group_members, pid_alive
 from support import TIMEOUT, wait_until
 
-from cxrd.process import ChildSpec, ProcessLauncher, describe_exit
+from cxrd.system.process import ChildSpec, ProcessLauncher, describe_exit
 
 
 def spec(tmp_path: Path, script: str, name: str = "runtime") -> ChildSpec:
@@ -121,7 +121,7 @@ def test_sigkilled_parent_leaves_no_child_or_grandchild(tmp_path: Path) -> None:
         f"""
         import asyncio, os
         from pathlib import Path
-        from cxrd.process import ChildSpec, ProcessLauncher
+        from cxrd.system.process import ChildSpec, ProcessLauncher
         async def main():
             launcher = ProcessLauncher()
             child = await launcher.spawn(ChildSpec(

@@ -19,11 +19,11 @@ from support import TIMEOUT, free_port
 
 from cxrd.config import Config, ProxyConfig
 from cxrd.errors import StartFailed
-from cxrd.ports import bind_listener, port_holder
 from cxrd.proxy import frames as F
 from cxrd.proxy.certs import ensure_certificate, generate_pair, validate_pair
 from cxrd.proxy.launch import prepare_proxy
 from cxrd.proxy.relay import Half
+from cxrd.system.listeners import bind_listener, port_holder
 
 # Certificates ---------------------------------------------------------------
 
@@ -338,7 +338,7 @@ def test_the_proxy_program_imports_neither_the_supervisor_nor_dbus_nor_sdnotify(
     probe = (
         "import sys, cxrd.proxy.__main__; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dbus_fast', 'sdnotify') "
-        "or m in ('cxrd.supervisor', 'cxrd.daemon', 'cxrd.bus')))"
+        "or m in ('cxrd.core.supervisor', 'cxrd.daemon', 'cxrd.dbus.connection')))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=TIMEOUT, check=True

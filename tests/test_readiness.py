@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from support import TIMEOUT
 
-from cxrd.readiness import wait_for_file
+from cxrd.system.readiness import wait_for_file
 
 
 def test_returns_when_the_file_appears(tmp_path: Path) -> None:

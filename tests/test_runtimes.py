@@ -22,12 +22,12 @@ from websockets.asyncio.client import connect
 
 import cxrd
 from cxrd import constants as C
-from cxrd import eula
 from cxrd.config import Config, load_config
 from cxrd.errors import EulaNotAccepted, InvalidArgs, InvalidConfig, RuntimeUnavailable
-from cxrd.readiness import wait_for_file
 from cxrd.runtimes import RuntimeLaunch, prepare_runtime
 from cxrd.sim import faults as F
+from cxrd.system import eula
+from cxrd.system.readiness import wait_for_file
 
 HAS_ISAACTELEOP = importlib.util.find_spec("isaacteleop") is not None
 needs_isaacteleop = pytest.mark.skipif(not HAS_ISAACTELEOP, reason="isaacteleop not installed")

@@ -22,8 +22,8 @@ from support import TIMEOUT, free_port, wait_until
 from websockets.asyncio.client import connect
 
 from cxrd import constants as C
-from cxrd.readiness import wait_for_file
 from cxrd.sim import faults as F
+from cxrd.system.readiness import wait_for_file
 
 
 class Sim:

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from cxrd.policy import RestartPolicy
-from cxrd.state import IllegalTransition, State, check_transition
+from cxrd.core.policy import RestartPolicy
+from cxrd.core.states import IllegalTransition, State, check_transition
 
 
 def test_the_lifecycle_paths_are_legal() -> None:
@@ -60,8 +60,8 @@ def test_crashes_outside_the_window_are_forgotten() -> None:
 
 def test_the_supervisor_imports_no_transport() -> None:
     code = (
-        "import sys, cxrd.supervisor\n"
-        "bad = [m for m in ('dbus_fast', 'sdnotify', 'cxrd.notify', 'cxrd.dbus_service',"
+        "import sys, cxrd.core.supervisor\n"
+        "bad = [m for m in ('dbus_fast', 'sdnotify', 'cxrd.system.notify', 'cxrd.dbus.service',"
         " 'websockets') if m in sys.modules]\n"
         "print(','.join(bad))"
     )

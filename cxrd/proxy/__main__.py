@@ -22,8 +22,8 @@ from pathlib import Path
 
 from cxrd import constants as C
 from cxrd.errors import CxrdError, StartFailed
-from cxrd.ports import bind_listener
 from cxrd.proxy.server import ProxyOptions, ProxyServer, server_tls_context
+from cxrd.system.listeners import bind_listener
 
 PR_SET_PDEATHSIG = 1
 READY_MESSAGE = b"READY\n"

@@ -19,9 +19,9 @@ from pathlib import Path
 from cxrd import constants as C
 from cxrd.config import Config, ProxyConfig
 from cxrd.errors import StartFailed
-from cxrd.ports import bind_listener
-from cxrd.process import ChildSpec
 from cxrd.proxy.certs import ensure_certificate, validate_pair
+from cxrd.system.listeners import bind_listener
+from cxrd.system.process import ChildSpec
 
 PROXY_STDERR_LOG = "wss.stderr.log"  # the proxy's own tracebacks, if any; wss.log is its log
 BACKEND_HOST = "127.0.0.1"

@@ -31,11 +31,11 @@ from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from cxrd.constants import DEFAULT_BACKEND_PORT
-from cxrd.ports import LISTEN_BACKLOG
 from cxrd.proxy import frames as F
 from cxrd.proxy import http
 from cxrd.proxy.relay import Session
 from cxrd.proxy.tls import TlsServer
+from cxrd.system.listeners import LISTEN_BACKLOG
 
 log = logging.getLogger("cxrd.proxy")
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from cxrd import constants as C
 from cxrd.config import Config
-from cxrd.envfile import check_env_value
 from cxrd.errors import InvalidArgs, InvalidConfig
-from cxrd.process import ChildSpec
-from cxrd.rundir import ensure_run_dir
+from cxrd.system.envfile import check_env_value
+from cxrd.system.process import ChildSpec
+from cxrd.system.rundir import ensure_run_dir
 
 
 @dataclass(frozen=True)

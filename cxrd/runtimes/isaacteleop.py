@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-from cxrd import eula
 from cxrd.config import Config
 from cxrd.errors import EulaNotAccepted, RuntimeUnavailable
 from cxrd.runtimes._common import RuntimeLaunch, build_launch, ensure_dirs, runtime_environment
+from cxrd.system import eula
 
 PACKAGE: Final = "isaacteleop"
 STABLE: Final = "cloudxr"

@@ -32,7 +32,7 @@ from pathlib import Path
 from dbus_fast import Message, MessageType
 
 from cxrd import constants as C
-from cxrd.bus import CONNECT_ERRORS, connect, session_bus_address
+from cxrd.dbus.connection import CONNECT_ERRORS, connect, session_bus_address
 from cxrd.errors import CxrdError
 
 MANIFEST_NAME = "install-manifest.json"

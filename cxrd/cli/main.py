@@ -30,10 +30,10 @@ from cxrd import __version__
 from cxrd import constants as C
 from cxrd.client import AsyncCloudXRClient
 from cxrd.config import Config, load_config
+from cxrd.core.snapshot import Snapshot
+from cxrd.core.states import State
 from cxrd.errors import CxrdError, EulaNotAccepted, InvalidArgs, NotRunning
-from cxrd.rundir import read_last_error
-from cxrd.state import State
-from cxrd.status import Snapshot
+from cxrd.system.rundir import read_last_error
 
 _T = TypeVar("_T")
 
@@ -414,7 +414,7 @@ def _daemon_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_accept_eula(args: argparse.Namespace) -> int:
-    from cxrd import eula
+    from cxrd.system import eula
 
     install_path = _config(args).install_path
     out = Out(sys.stdout)
@@ -439,7 +439,7 @@ def cmd_accept_eula(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from cxrd import install
+    from cxrd.cli import install
 
     prefix = Path(args.system_prefix) if args.system_prefix else None
     written = install.install(prefix, force=args.force)
@@ -452,7 +452,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from cxrd import install
+    from cxrd.cli import install
 
     prefix = Path(args.system_prefix) if args.system_prefix else None
     removed = install.uninstall(prefix)
@@ -467,7 +467,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from cxrd import doctor
+    from cxrd.cli import doctor
 
     checks = doctor.run_checks(_config(args))
     out = Out(sys.stdout)
@@ -586,7 +586,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -42,8 +42,6 @@ from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
-from cxrd import wire
-from cxrd.bus import CONNECT_ERRORS, connect, require_session_bus
 from cxrd.constants import (
     BUS_NAME,
     DBUS,
@@ -55,9 +53,11 @@ from cxrd.constants import (
     OBJECT_PATH,
     PEER,
 )
+from cxrd.core.states import StateChanged
+from cxrd.core.supervisor import Event, Supervisor
+from cxrd.dbus import wire
+from cxrd.dbus.connection import CONNECT_ERRORS, connect, require_session_bus
 from cxrd.errors import AccessDenied, AlreadyServing, CxrdError, StartFailed
-from cxrd.state import StateChanged
-from cxrd.supervisor import Event, Supervisor
 
 _log = logging.getLogger(__name__)
 

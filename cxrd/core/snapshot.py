@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from cxrd.state import State
+from cxrd.core.states import State
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from cxrd import __version__, rundir
+from cxrd import __version__
 from cxrd import constants as C
 from cxrd.config import Config
-from cxrd.diagnosis import as_verb, headline, log_section, newest_log
-from cxrd.envfile import write_env_file
+from cxrd.core.diagnosis import as_verb, headline, log_section, newest_log
+from cxrd.core.policy import RestartPolicy
+from cxrd.core.snapshot import Lease, ProxyStatus, RuntimeStatus, Snapshot
+from cxrd.core.states import DESCRIPTIONS, State, StateChanged, check_transition
 from cxrd.errors import (
     AlreadyServing,
     Busy,
@@ -33,12 +35,11 @@ from cxrd.errors import (
     StartFailed,
     Timeout,
 )
-from cxrd.policy import RestartPolicy
-from cxrd.process import ChildSpec, describe_exit, read_ready_line
 from cxrd.proxy.launch import ProxyLaunch, prepare_proxy
 from cxrd.runtimes import RuntimeLaunch, prepare_runtime
-from cxrd.state import DESCRIPTIONS, State, StateChanged, check_transition
-from cxrd.status import Lease, ProxyStatus, RuntimeStatus, Snapshot
+from cxrd.system import rundir
+from cxrd.system.envfile import write_env_file
+from cxrd.system.process import ChildSpec, describe_exit, read_ready_line
 
 log = logging.getLogger(__name__)
 

@@ -124,7 +124,7 @@ class Guard:
     def __init__(self) -> None:
         read_end, self._write_end = os.pipe()
         os.set_inheritable(self._write_end, False)
-        script = Path(__file__).with_name("guard.py")
+        script = Path(__file__).parent.parent / "data" / "guard.py"
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", str(script)],

@@ -1,4 +1,4 @@
-"""The wire form of a :class:`~cxrd.status.Snapshot`, both ways. Pure: no I/O.
+"""The wire form of a :class:`~cxrd.core.snapshot.Snapshot`, both ways. Pure: no I/O.
 
 The daemon's adapter turns a snapshot into ``Status()``'s ``a{sv}`` and into
 property values; the client turns ``a{sv}`` back into a snapshot. Keys are
@@ -14,9 +14,9 @@ from typing import Any
 
 from dbus_fast import Variant
 
+from cxrd.core.snapshot import Lease, ProxyStatus, RuntimeStatus, Snapshot
+from cxrd.core.states import State
 from cxrd.errors import InvalidArgs
-from cxrd.state import State
-from cxrd.status import Lease, ProxyStatus, RuntimeStatus, Snapshot
 
 LEASE_SIGNATURE = "(ssusd)"
 LEASES_SIGNATURE = "a" + LEASE_SIGNATURE

@@ -32,10 +32,10 @@ from typing import Literal
 from dbus_fast import Message, MessageFlag, MessageType
 
 from cxrd import constants as C
-from cxrd import eula
-from cxrd.bus import CONNECT_ERRORS, connect, session_bus_address
 from cxrd.config import Config
+from cxrd.dbus.connection import CONNECT_ERRORS, connect, session_bus_address
 from cxrd.errors import CxrdError
+from cxrd.system import eula
 
 Level = Literal["ok", "warn", "fail"]
 
@@ -255,7 +255,7 @@ def _check_unit() -> Check:
 
 def _find_unit_file() -> Path | None:
     """Where ``cxrctl install`` (for this user, /usr/local or /usr) or an admin put the unit."""
-    from cxrd.install import Layout
+    from cxrd.cli.install import Layout
 
     for path in (
         Layout.for_prefix(None).unit,
@@ -446,7 +446,7 @@ def _ancestors(pid: int) -> set[int]:
 
 
 def _check_port(config: Config, name: str, port: int, key: str, bus: _BusFacts) -> Check:
-    from cxrd.ports import port_holder
+    from cxrd.system.listeners import port_holder
 
     if key == "proxy.port" and not config.proxy.enabled:
         return Check(name, "ok", "the proxy is disabled")
