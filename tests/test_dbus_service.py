@@ -20,7 +20,7 @@ from support import TIMEOUT
 
 import cxrd
 from cxrd.constants import BUS_NAME, INTERFACE, INTERFACE_VERSION, INTROSPECTION_XML
-from cxrd.dbus.service import contract_interface, interface_shape
+from cxrd.dbus.interface import contract_interface, interface_shape
 from cxrd.errors import (
     AlreadyServing,
     Busy,

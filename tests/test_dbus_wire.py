@@ -10,7 +10,7 @@ from cxrd.constants import INTERFACE
 from cxrd.core.snapshot import Lease, ProxyStatus, RuntimeStatus, Snapshot
 from cxrd.core.states import State
 from cxrd.dbus import wire
-from cxrd.dbus.service import FAILED, Daemon1, _translated, contract_interface, interface_shape
+from cxrd.dbus.interface import FAILED, Daemon1, _translated, contract_interface, interface_shape
 from cxrd.errors import InvalidArgs, ProfileMismatch
 
 SNAP = Snapshot(
