@@ -365,6 +365,48 @@ def test_tls_1_2_clients_are_served(proxy: Proxy, certs: Any) -> None:
     assert run(scenario()) == "tls12"
 
 
+UPGRADE = (
+    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def open_raw_ws(proxy: Proxy, context: ssl.SSLContext, path: str) -> ssl.SSLSocket:
+    """A TLS socket on which the proxy answered a WebSocket upgrade to ``path`` with 101."""
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
+    tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    tls.sendall(UPGRADE.format(path=path).encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = tls.recv(4096)
+        assert chunk, "the proxy closed before answering the upgrade"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return tls
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
+)
+def test_a_client_close_notify_is_answered_and_ends_the_backend_leg(
+    proxy: Proxy, backend: Backend, certs: tuple[Path, Path], version: ssl.TLSVersion
+) -> None:
+    path = f"/notify-{version.name}"
+    context = client_tls(certs)
+    context.minimum_version = context.maximum_version = version
+    tls = open_raw_ws(proxy, context, path)
+    # unwrap() sends our close_notify and returns only once the proxy's comes back
+    # (a socket timeout, TIMEOUT, if it never does).
+    plain = tls.unwrap()
+    try:
+        assert plain.recv(1) == b"", "after its close_notify the proxy ends TCP"
+    finally:
+        plain.close()
+    assert backend.close_of(path) == (1001, "client went away")
+    assert "close=1006" in proxy.wait_line(re.escape(f"path='{path}'"))
+
+
 # HTTP side ---------------------------------------------------------------
 
 
@@ -487,11 +529,7 @@ def test_a_client_that_stops_answering_pings_is_dropped(
     try:
         raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
         tls = client_tls(certs).wrap_socket(raw, server_hostname="127.0.0.1")
-        tls.sendall(
-            b"GET /mute HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
+        tls.sendall(UPGRADE.format(path="/mute").encode())
         received = b""
         with contextlib.suppress(ssl.SSLError, ConnectionError):
             while chunk := tls.recv(4096):  # never answers: reads until the proxy hangs up

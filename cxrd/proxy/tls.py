@@ -97,7 +97,7 @@ class TlsServer(asyncio.BufferedProtocol):
         except ssl.SSLWantReadError:
             self._flush()
             return
-        except (ssl.SSLError, ssl.CertificateError) as exc:
+        except ssl.SSLError as exc:  # CertificateError is one too
             peer = self._tcp.get_extra_info("peername")
             log.debug("TLS handshake with %s failed: %s", peer, exc)
             self._flush()  # the alert, so the client sees why
@@ -125,16 +125,18 @@ class TlsServer(asyncio.BufferedProtocol):
             while not self._paused and not self._closing:
                 data = sslobj.read(RECORD_READ)
                 if not data:
-                    break
+                    # The peer's close_notify (SSLObject.read() returns b'' for it rather
+                    # than raising): end of stream to the application, then ours back.
+                    # Like asyncio's TLS transport, a True from eof_received cannot keep
+                    # a TLS connection half open.
+                    self._app.eof_received()
+                    self.close()
+                    return
                 self._app.data_received(data)
                 if not incoming.pending and not sslobj.pending():
                     break  # all consumed: skip the read that would only raise WantRead
         except ssl.SSLWantReadError:
             pass
-        except ssl.SSLZeroReturnError:  # close_notify from the peer
-            if not self._closing:
-                self._app.eof_received()
-                self.close()
         except ssl.SSLError as exc:
             log.debug("TLS error from %s: %s", self.get_extra_info("peername"), exc)
             self.abort()
