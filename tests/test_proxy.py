@@ -31,7 +31,7 @@ import pytest
 from support import TIMEOUT, free_port
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from cxrd.proxy.certs import ensure_certificate
 
@@ -129,14 +129,20 @@ class Backend:
 class Proxy:
     """``python -m cxrd.proxy`` on a free port; stderr lines collected for the test."""
 
-    def __init__(self, certs: tuple[Path, Path], backend_port: int, *extra: str) -> None:
+    def __init__(
+        self,
+        certs: tuple[Path, Path],
+        backend_port: int,
+        *extra: str,
+        program: tuple[str, ...] = ("-m", "cxrd.proxy"),
+    ) -> None:
         self.port = free_port()
         self.url = f"wss://127.0.0.1:{self.port}"
         cert, key = certs
         ready_r, ready_w = os.pipe()
         self.proc = subprocess.Popen(
             [
-                PY, "-m", "cxrd.proxy", "--host", "127.0.0.1", "--port", str(self.port),
+                PY, *program, "--host", "127.0.0.1", "--port", str(self.port),
                 "--backend-port", str(backend_port), "--cert", str(cert), "--key", str(key),
                 "--ready-fd", str(ready_w), *extra,
             ],
@@ -565,6 +571,49 @@ def test_sigterm_closes_clients_with_1001_and_exits_0(
         assert backend.close_of("/term")[0] == 1001
     finally:
         proxy.stop()
+
+
+# The proxy program with a bug planted in the backend leg's setup, for one path only.
+BUGGY_PROXY = textwrap.dedent(
+    """
+    import sys
+    from cxrd.proxy import server
+    from cxrd.proxy.__main__ import main
+    real_init = server.BackendConn.__init__
+    def init(self, request, *args):
+        if request.path == "/bug":
+            raise RuntimeError("planted bug")
+        real_init(self, request, *args)
+    server.BackendConn.__init__ = init
+    sys.exit(main())
+    """
+)
+
+
+def test_an_internal_error_in_one_connection_ends_only_that_connection(
+    certs: tuple[Path, Path], backend: Backend
+) -> None:
+    proxy = Proxy(certs, backend.port, program=("-c", BUGGY_PROXY))
+    try:
+
+        async def scenario() -> None:
+            async with open_ws(proxy, certs, "/steady") as steady:
+                await steady.send("before")
+                assert await steady.recv() == "before"
+                with pytest.raises((InvalidMessage, ConnectionClosed, OSError)):
+                    async with open_ws(proxy, certs, "/bug"):
+                        pass
+                await steady.send("after")  # the session open meanwhile is untouched
+                assert await steady.recv() == "after"
+                async with open_ws(proxy, certs, "/later") as later:  # and new ones are served
+                    await later.send("new")
+                    assert await later.recv() == "new"
+
+        run(scenario())
+        assert "planted bug" in proxy.wait_line(r"client=.*internal error")
+        assert proxy.proc.poll() is None
+    finally:
+        assert proxy.stop() == 0
 
 
 def test_port_taken_fails_naming_the_holder(certs: tuple[Path, Path]) -> None:

@@ -138,11 +138,26 @@ class ProxyServer:
     def busy(self) -> bool:
         return len(self.sessions) + self.connecting >= self.options.max_connections
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    def spawn(self, conn: ClientConn, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         if self._tasks is None or self._stop.is_set():
             coro.close()
             return None
-        return self._tasks.create_task(coro)
+        return self._tasks.create_task(self._isolated(conn, coro))
+
+    async def _isolated(self, conn: ClientConn, coro: Coroutine[Any, Any, None]) -> None:
+        """Run one connection's task: a bug there ends that connection, never the server.
+
+        The task group owns every connection's task so that shutdown waits for them;
+        an exception reaching it would cancel the server and every session with it.
+        """
+        try:
+            await coro
+        except Exception as exc:
+            log.exception(
+                "client=%s: internal error (%r); dropping this connection", conn.peer, exc
+            )
+            conn.task = None  # this very task: it ends here, nothing to cancel
+            conn.abandon()
 
     def add_session(self, session: Session) -> None:
         self.sessions.add(session)
@@ -252,7 +267,7 @@ class ClientConn(asyncio.Protocol):
             head_only = request.method == "HEAD"
             if path == http.HEALTH_PATH:
                 self.answered = True
-                self.task = self.server.spawn(self._health(request, head_only))
+                self.task = self.server.spawn(self, self._health(request, head_only))
                 if self.task is None:
                     self.abandon()
             else:
@@ -314,7 +329,7 @@ class ClientConn(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.server.connecting += 1
-        self.task = self.server.spawn(self._open_backend(request))
+        self.task = self.server.spawn(self, self._open_backend(request))
         if self.task is None:
             self.server.connecting -= 1
             self.abandon()
