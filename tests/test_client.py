@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from pathlib import Path
@@ -175,6 +176,46 @@ def test_start_while_stopping_waits_and_gets_a_fresh_daemon(bus_daemon: BusDaemo
             assert set(bus_daemon.daemon_pids()).isdisjoint(old_daemons)
 
     run(scenario())
+
+
+class _BlockFailed(Exception):
+    """What the code inside a lease raised."""
+
+
+@pytest.mark.parametrize("face", ["async", "blocking"])
+def test_a_lease_blocks_own_error_survives_a_release_that_fails_after_a_busy_retry(
+    bus_daemon: BusDaemon, face: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Acquired on a daemon that is stopping, so the start waits for a fresh
+    # daemon, which has never heard of the lease: its Release says NoSuchLease.
+    bus_daemon.configure(ignore_sigterm=True, stop_timeout=1.0)
+    bus_daemon.enable_activation()
+
+    def blocking_lease() -> None:
+        with CloudXRClient(bus_daemon.address) as client, client.lease(timeout=TIMEOUT):
+            raise _BlockFailed
+
+    async def scenario() -> None:
+        async with AsyncCloudXRClient(bus_daemon.address) as client:
+            await client.start(timeout=TIMEOUT)
+            other = await connect(bus_daemon.address)
+            async with client.watch() as events:
+                await ok(other, "Stop")
+                async for event in events:
+                    if isinstance(event, StateEvent) and event.new is State.STOPPING:
+                        break
+            if face == "async":
+                async with client.lease(timeout=TIMEOUT):
+                    raise _BlockFailed
+            else:
+                await asyncio.to_thread(blocking_lease)
+
+    with (
+        caplog.at_level(logging.WARNING, logger="cxrd.dbus.client"),
+        pytest.raises(_BlockFailed),
+    ):
+        run(scenario())
+    assert any("could not release lease" in r.getMessage() for r in caplog.records)
 
 
 def test_async_client_watch_sees_restart_states(ready_daemon: BusDaemon) -> None:

@@ -1,0 +1,459 @@
+"""Talk to cxrd over the session bus: the asyncio client (public as :mod:`cxrd.client`).
+
+``status()`` never starts the daemon (the call carries NO_AUTO_START);
+``start()`` does (D-Bus activation starts ``cloudxr.service``). Errors are the
+classes of :mod:`cxrd.errors`, one per D-Bus error name; a daemon that is not
+on the bus is :class:`~cxrd.errors.NotRunning`. The blocking face, built on
+this one, is :mod:`cxrd.dbus.blocking`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from cxrd.constants import BUS_NAME, DBUS, DBUS_PATH, INTERFACE, OBJECT_PATH, PROPERTIES
+from cxrd.core.snapshot import Snapshot
+from cxrd.core.states import State, StateChanged
+from cxrd.dbus import wire
+from cxrd.dbus.connection import CONNECT_ERRORS, connect, require_session_bus
+from cxrd.errors import (
+    AccessDenied,
+    Busy,
+    CxrdError,
+    NotRunning,
+    StartFailed,
+    Timeout,
+    error_for_dbus_name,
+)
+
+CALL_TIMEOUT = 25.0  # seconds for a call that does not wait on the runtime (libdbus's default)
+START_TIMEOUT = 300.0  # a Start without a timeout of its own still ends some day
+TIMEOUT_SLACK = 5.0  # on top of a Start's own timeout, so the daemon's Timeout error wins
+
+_NOT_RUNNING = {
+    f"{DBUS}.Error.ServiceUnknown",
+    f"{DBUS}.Error.NameHasNoOwner",
+    f"{DBUS}.Error.Disconnected",
+}
+
+_log = logging.getLogger(__name__)
+
+
+# --- what the watchers see ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PropertiesEvent:
+    """``PropertiesChanged``: property name -> new value (plain Python)."""
+
+    changed: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class OwnerEvent:
+    """The bus name got an owner (``owner`` a unique name) or lost it (``owner`` empty)."""
+
+    owner: str
+
+
+# The daemon's StateChanged signal, as the client sees it.
+StateEvent = StateChanged
+ClientEvent = StateEvent | PropertiesEvent | OwnerEvent
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """What ``lease()`` yields: the lease and the runtime it holds."""
+
+    id: str
+    snapshot: Snapshot
+
+    @property
+    def environment(self) -> Mapping[str, str]:
+        return self.snapshot.environment
+
+
+def error_from_reply(name: str, text: str) -> CxrdError:
+    """The exception for a D-Bus error reply."""
+    cls = error_for_dbus_name(name)
+    if cls is not None:
+        return cls(text)
+    if name in _NOT_RUNNING:
+        return NotRunning(f"cxrd is not running ({text})")
+    if name == f"{DBUS}.Error.AccessDenied":
+        return AccessDenied(text)
+    if name in (f"{DBUS}.Error.NoReply", f"{DBUS}.Error.Timeout", f"{DBUS}.Error.TimedOut"):
+        return Timeout(f"cxrd did not answer in time ({text})")
+    if name.startswith(f"{DBUS}.Error.Spawn.") or name.startswith("org.freedesktop.systemd1."):
+        return StartFailed(f"the bus could not start cxrd: {text}")
+    return CxrdError(f"{name}: {text}")
+
+
+# --- asyncio --------------------------------------------------------------------
+
+
+class AsyncCloudXRClient:
+    """One bus connection to cxrd. Use ``async with`` or :meth:`close`."""
+
+    def __init__(self, bus_address: str | None = None) -> None:
+        self._address = bus_address
+        self._bus: MessageBus | None = None
+        self._watchers: list[asyncio.Queue[ClientEvent]] = []
+        self._matching = False
+
+    @classmethod
+    async def connect(cls, bus_address: str | None = None) -> AsyncCloudXRClient:
+        client = cls(bus_address)
+        await client.open()
+        return client
+
+    async def open(self) -> None:
+        if self._bus is not None:
+            return
+        address = self._address or require_session_bus()
+        try:
+            bus = await connect(address, timeout=CALL_TIMEOUT)
+        except CONNECT_ERRORS as exc:
+            raise NotRunning(f"cannot connect to the session bus at {address}: {exc}") from None
+        bus.add_message_handler(self._on_message)
+        self._bus = bus
+
+    async def close(self) -> None:
+        bus, self._bus = self._bus, None
+        if bus is not None and bus.connected:
+            bus.disconnect()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CALL_TIMEOUT):
+                    await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+
+    async def __aenter__(self) -> AsyncCloudXRClient:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def unique_name(self) -> str:
+        """This connection's unique bus name: the holder of its leases."""
+        return str(self._connected().unique_name)
+
+    def _connected(self) -> MessageBus:
+        if self._bus is None:
+            raise RuntimeError("the client is not open (use `async with` or open())")
+        return self._bus
+
+    # calls
+
+    async def _call(
+        self,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        *,
+        auto_start: bool = False,
+        timeout: float = CALL_TIMEOUT,
+        destination: str = BUS_NAME,
+        path: str = OBJECT_PATH,
+        interface: str = INTERFACE,
+    ) -> list[Any]:
+        bus = self._connected()
+        message = Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=list(body),
+            flags=MessageFlag.NONE if auto_start else MessageFlag.NO_AUTOSTART,
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await bus.call(message)
+        except TimeoutError:
+            raise Timeout(f"{member}: no answer from cxrd within {timeout:g} s") from None
+        except (OSError, EOFError) as exc:
+            raise NotRunning(f"the bus connection broke during {member}: {exc}") from None
+        if reply is None:
+            raise CxrdError(f"{member}: no reply")
+        if reply.message_type is MessageType.ERROR:
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+            err = error_from_reply(reply.error_name or "", text or str(reply.error_name))
+            if auto_start and reply.error_name == f"{DBUS}.Error.ServiceUnknown":
+                err = NotRunning(
+                    f"{err}, and the bus cannot start it on demand: `cxrctl install` "
+                    "sets up D-Bus activation (or run `cxrd` yourself)"
+                )
+            raise err
+        return list(reply.body)
+
+    async def _driver(self, member: str, *args: str) -> list[Any]:
+        return await self._call(
+            member,
+            "s" * len(args),
+            args,
+            destination=DBUS,
+            path=DBUS_PATH,
+            interface=DBUS,
+        )
+
+    async def status(self) -> Snapshot:
+        """The daemon's snapshot; :class:`NotRunning` when it is not on the bus."""
+        (data,) = await self._call("Status")
+        return wire.snapshot_from_wire(data)
+
+    async def is_running(self) -> bool:
+        try:
+            await self._driver("GetNameOwner", BUS_NAME)
+        except NotRunning:
+            return False
+        return True
+
+    async def get_property(self, name: str) -> Any:
+        (value,) = await self._call("Get", "ss", [INTERFACE, name], interface=PROPERTIES)
+        return value.value if isinstance(value, Variant) else value
+
+    async def start(
+        self, *, timeout: float | None = None, device_profile: str | None = None
+    ) -> Snapshot:
+        """Start (activating the daemon if needed); return once ready.
+
+        A daemon that is on its way out answers Busy: wait for it to leave the
+        bus, then ask once more, which activates a fresh one.
+        """
+        try:
+            return await self._start("Start", timeout, device_profile)
+        except Busy:
+            await self.wait_gone(timeout if timeout is not None else START_TIMEOUT)
+            return await self._start("Start", timeout, device_profile)
+
+    async def restart(
+        self, *, timeout: float | None = None, device_profile: str | None = None
+    ) -> Snapshot:
+        return await self._start("Restart", timeout, device_profile)
+
+    async def _start(
+        self, member: str, timeout: float | None, device_profile: str | None
+    ) -> Snapshot:
+        options = wire.start_options(timeout, device_profile)
+        limit = START_TIMEOUT if timeout is None else timeout + TIMEOUT_SLACK
+        await self._call(member, "a{sv}", [options], auto_start=True, timeout=limit)
+        return await self.status()
+
+    def start_no_block(self, *, device_profile: str | None = None) -> None:
+        """Ask for a start (activating the daemon) without waiting for any answer."""
+        message = Message(
+            destination=BUS_NAME,
+            path=OBJECT_PATH,
+            interface=INTERFACE,
+            member="Start",
+            signature="a{sv}",
+            body=[wire.start_options(None, device_profile)],
+            flags=MessageFlag.NO_REPLY_EXPECTED,
+        )
+        self._connected().send(message)
+
+    async def stop(self, *, timeout: float = CALL_TIMEOUT) -> bool:
+        """Stop the daemon and wait until it has left the bus. False if it was not running."""
+        async with self.watch() as events:
+            try:
+                (owner,) = await self._driver("GetNameOwner", BUS_NAME)
+                await self._call("Stop")
+            except NotRunning:
+                return False
+            await self._wait_owner_gone(owner, events, timeout)
+        return True
+
+    async def wait_gone(self, timeout: float) -> None:
+        """Return once nobody owns the bus name."""
+        async with self.watch() as events:
+            try:
+                (owner,) = await self._driver("GetNameOwner", BUS_NAME)
+            except NotRunning:
+                return
+            await self._wait_owner_gone(owner, events, timeout)
+
+    async def _wait_owner_gone(
+        self, owner: str, events: AsyncIterator[ClientEvent], timeout: float
+    ) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                async for event in events:
+                    if isinstance(event, OwnerEvent) and event.owner != owner:
+                        return
+        except TimeoutError:
+            raise Timeout(f"cxrd did not leave the bus within {timeout:g} s") from None
+
+    async def wait_ready(self, timeout: float | None = None) -> Snapshot:
+        """Wait until the daemon is ready, without starting it.
+
+        A daemon not yet on the bus is waited for (it may be being activated).
+        A start that fails raises :class:`StartFailed` with the daemon's reason;
+        a daemon that leaves the bus first raises :class:`NotRunning`.
+        """
+        limit = START_TIMEOUT if timeout is None else timeout
+        failure = ""
+        try:
+            async with asyncio.timeout(limit), self.watch() as events:
+                present = True
+                try:
+                    snap = await self.status()
+                except NotRunning:
+                    present = False
+                else:
+                    if snap.state is State.READY:
+                        return snap
+                    if snap.state is State.FAILED:
+                        raise StartFailed(snap.last_error or "cxrd failed")
+                async for event in events:
+                    if isinstance(event, OwnerEvent):
+                        if event.owner:
+                            present = True
+                            snap = await self.status()
+                            if snap.state is State.READY:
+                                return snap
+                        elif present:
+                            raise NotRunning(
+                                "cxrd left the bus before it was ready"
+                                + (f": {failure}" if failure else "")
+                            )
+                    elif isinstance(event, StateEvent):
+                        if event.new is State.READY:
+                            return await self.status()
+                        if event.new is State.FAILED:
+                            raise StartFailed(event.reason or "cxrd failed")
+                        if event.new in (State.STOPPING, State.STOPPED):
+                            failure = event.reason
+        except TimeoutError:
+            raise Timeout(f"cxrd was not ready within {limit:g} s") from None
+        raise NotRunning("the bus connection closed")  # the event stream only ends with it
+
+    async def environment(self) -> dict[str, str]:
+        """The runtime's environment (what ``run/cloudxr.env`` holds)."""
+        return dict((await self.status()).environment)
+
+    async def acquire(self, reason: str = "") -> str:
+        """Hold the runtime for this connection; activates the daemon if needed."""
+        (lease_id,) = await self._call("Acquire", "s", [reason], auto_start=True)
+        return str(lease_id)
+
+    async def release(self, lease_id: str) -> None:
+        await self._call("Release", "s", [lease_id])
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self,
+        reason: str = "",
+        *,
+        timeout: float | None = None,
+        device_profile: str | None = None,
+        apply_environment: bool = True,
+    ) -> AsyncIterator[LeaseInfo]:
+        """Acquire, start, wait until ready, apply the runtime's environment to
+        ``os.environ``; on exit restore ``os.environ`` and release."""
+        lease_id = await self.acquire(reason)
+        try:
+            snap = await self.start(timeout=timeout, device_profile=device_profile)
+            with environment_applied(snap.environment if apply_environment else {}):
+                yield LeaseInfo(id=lease_id, snapshot=snap)
+        except BaseException:
+            with release_failure_logged(lease_id):
+                await self.release(lease_id)
+            raise
+        with contextlib.suppress(NotRunning):
+            await self.release(lease_id)
+
+    # signals
+
+    @contextlib.asynccontextmanager
+    async def watch(self) -> AsyncIterator[AsyncIterator[ClientEvent]]:
+        """Events from the daemon and its bus name, from now until the block ends."""
+        await self._add_matches()
+        queue: asyncio.Queue[ClientEvent] = asyncio.Queue()
+        self._watchers.append(queue)
+
+        async def events() -> AsyncIterator[ClientEvent]:
+            while True:
+                yield await queue.get()
+
+        try:
+            yield events()
+        finally:
+            self._watchers.remove(queue)
+
+    async def _add_matches(self) -> None:
+        if self._matching:
+            return
+        rules = (
+            f"type='signal',sender='{DBUS}',path='{DBUS_PATH}',interface='{DBUS}',"
+            f"member='NameOwnerChanged',arg0='{BUS_NAME}'",
+            f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',interface='{INTERFACE}'",
+            f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',interface='{PROPERTIES}',"
+            f"member='PropertiesChanged',arg0='{INTERFACE}'",
+        )
+        for rule in rules:
+            await self._driver("AddMatch", rule)
+        self._matching = True
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type is not MessageType.SIGNAL or not self._watchers:
+            return
+        event: ClientEvent | None = None
+        if msg.member == "NameOwnerChanged" and msg.interface == DBUS and msg.sender == DBUS:
+            if msg.body and msg.body[0] == BUS_NAME:
+                event = OwnerEvent(owner=str(msg.body[2]))
+        elif msg.path == OBJECT_PATH:
+            if msg.interface == INTERFACE and msg.member == "StateChanged":
+                new, old, reason = msg.body
+                event = StateEvent(
+                    new=wire.state_from_wire(new), old=wire.state_from_wire(old), reason=reason
+                )
+            elif (
+                msg.interface == PROPERTIES
+                and msg.member == "PropertiesChanged"
+                and msg.body[0] == INTERFACE
+            ):
+                changed = {k: v.value for k, v in msg.body[1].items()}
+                event = PropertiesEvent(changed=changed)
+        if event is not None:
+            for queue in self._watchers:
+                queue.put_nowait(event)
+
+
+@contextlib.contextmanager
+def environment_applied(env: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``env`` on top for the block, as it was after it."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def release_failure_logged(lease_id: str) -> Iterator[None]:
+    """Wrap the Release that ends a lease whose block raised: log a failure, never raise it.
+
+    The block's error is the one the caller must see. After a Busy retry the
+    lease was the old daemon's, and the fresh one answers NoSuchLease.
+    """
+    try:
+        yield
+    except NotRunning:
+        pass  # the daemon is gone, and the lease with it
+    except Exception as err:
+        _log.warning("could not release lease %s: %s", lease_id, err)
