@@ -11,6 +11,31 @@ NOTIFY_SOCKET, N times. Prints JSON:
   its own startup delay, READY=1's arrival minus the daemon's spawn;
   ``overhead_ms`` is that minus the sim's delay.
 
+With ``--side-by-side``, it compares start overhead on one stand-in (the sim,
+``python -m cxrd.sim``, which writes ``run/runtime_started`` after
+``--delay``): for each of N rounds, interleaved so machine load hits all alike,
+start-to-ready minus the delay for
+
+- ``cxrd_foreground``: ``python -m cxrd --runtime sim`` spawned to READY=1 on
+  a NOTIFY_SOCKET;
+- ``cxrd_systemd``: a real ``systemctl --user start cloudxr`` (the unit from
+  ``cxrctl install``) in a private ``systemd --user`` (tests/fixtures_systemd;
+  needs root), from the spawn of ``systemctl`` to its return (Type=notify:
+  READY=1). A drop-in lifts only the unit's start rate limit, for N starts;
+- ``isaacteleop``: ``python -m isaacteleop.cloudxr.service start`` with the
+  shim in ``bench/isaacteleop_shim`` first on PYTHONPATH (its worker's
+  ``run()`` runs the sim), from the spawn of that CLI to ``serving``: its WSS
+  proxy port accepts a TCP connection, which its ``CloudXRService`` does only
+  after it saw the sentinel (what cxrd's READY=1 also means). The CLI's own
+  return is reported too (``cli_return``): it returns once ``ipc_cloudxr``
+  accepts, which the stand-in does before its delay, so it can come before
+  the runtime is ready.
+
+It prints medians and the ratios cxrd/isaacteleop (target: at most 0.5). The
+stand-in is not NVIDIA software; the EULA marker isaacteleop's service checks
+is written into each throwaway install dir so that its start path runs as
+with an accepted EULA.
+
 With ``--runtime isaacteleop --accept-eula`` (a machine with an NVIDIA driver,
 a Vulkan loader and ``cxrd[cloudxr]``), it times the real runtime instead:
 start to READY=1 and SIGTERM to exit; ``--accept-eula`` writes the EULA marker
@@ -18,6 +43,7 @@ into the benchmark's throwaway install dir, so pass it only if you accept the
 CloudXR EULA.
 
 Usage: python bench/readiness.py [--runs 20] [--delay 0.2] [--no-proxy]
+       python bench/readiness.py --side-by-side [--runs 10] [--delay 0.2]
        python bench/readiness.py --runtime isaacteleop --accept-eula [--runs 3]
 """
 
@@ -34,6 +60,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from chaos import processes_of
 
 
 def free_port() -> int:
@@ -108,6 +136,216 @@ def stats(values: list[float], digits: int = 1) -> dict[str, float]:
     return {"median": round(statistics.median(values), digits), "max": round(max(values), digits)}
 
 
+BENCH = Path(__file__).resolve().parent
+SHIM = BENCH / "isaacteleop_shim"
+TESTS = BENCH.parent / "tests"
+UNIT = "cloudxr.service"
+
+
+def _pythonpath(*first: Path) -> str:
+    """PYTHONPATH with ``first`` ahead of the caller's own (which may pick a cxrd tree)."""
+    parts = [str(p) for p in first] + [p for p in os.environ.get("PYTHONPATH", "").split(":") if p]
+    return ":".join(parts)
+
+
+def _leftovers(install: Path) -> list[int]:
+    """Processes still naming the install dir a moment after a stop (should be none)."""
+    deadline = time.monotonic() + 5.0
+    while (left := processes_of(install)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def cxrd_foreground(delay: float) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        return one_run(Path(tmp), delay, True, own_sentinel=False)[0] - delay * 1e3
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def isaacteleop_service(delay: float, timeout: float = 60.0) -> tuple[float, float]:
+    """isaacteleop's detached service on the stand-in: ms over the delay to serving, to return."""
+    with tempfile.TemporaryDirectory(prefix="cxrd-bench-it-") as name:
+        tmp = Path(name)
+        install, home = tmp / "cloudxr", tmp / "home"
+        (install / "run").mkdir(parents=True, mode=0o700)
+        home.mkdir()
+        (install / "run" / "eula_accepted").write_text("accepted")
+        proxy_port = free_port()
+        drop = ("NOTIFY_SOCKET", "DBUS_SESSION_BUS_ADDRESS", "JOURNAL_STREAM", "WATCHDOG_USEC")
+        env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("CXRD_")}
+        env.update(
+            HOME=str(home),  # nothing of ~/.cloudxr
+            PYTHONPATH=_pythonpath(SHIM),
+            PROXY_PORT=str(proxy_port),  # never 48322
+            CXRD_SIM_STARTUP_DELAY=repr(delay),
+            CXRD_SIM_SIGNALING_PORT=str(free_port()),  # never 49100
+        )
+        cli = [sys.executable, "-m", "isaacteleop.cloudxr.service"]
+        where = ["--cloudxr-install-dir", str(install)]
+        began = time.monotonic()
+        proc = subprocess.Popen(
+            [*cli, "start", *where],
+            env=env,
+            cwd=tmp,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        serving = returned = None
+        try:
+            # No event to wait on in another program's start path: poll it finely.
+            while serving is None or returned is None:
+                now = time.monotonic()
+                if now - began > timeout:
+                    raise RuntimeError(f"isaacteleop's service not serving within {timeout:g} s")
+                if returned is None and proc.poll() is not None:
+                    returned = now
+                    if proc.returncode != 0:
+                        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                        raise RuntimeError(f"service start exited {proc.returncode}: {err}")
+                if serving is None and _listening(proxy_port):
+                    serving = now
+                time.sleep(0.002)
+        finally:
+            if proc.poll() is None:
+                proc.wait(timeout=timeout)
+            if proc.stderr is not None:
+                proc.stderr.close()
+            subprocess.run(
+                [*cli, "stop", *where],
+                env=env,
+                cwd=tmp,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                timeout=timeout,
+                check=True,
+            )
+            left = _leftovers(install)
+            if left:
+                raise RuntimeError(f"isaacteleop's service left processes {left}")
+    return (serving - began) * 1e3 - delay * 1e3, (returned - began) * 1e3 - delay * 1e3
+
+
+class SystemdCxrd:
+    """cxrd installed as ``cloudxr.service`` in a private ``systemd --user`` (needs root)."""
+
+    def __init__(self, root: Path) -> None:
+        sys.path.insert(0, str(TESTS))
+        import fixtures_systemd  # only this figure needs a test fixture
+
+        self._fixtures = fixtures_systemd
+        reason = fixtures_systemd._why_no_systemd()
+        if reason is not None:
+            raise RuntimeError(reason)
+        self.root = root
+        self.manager = fixtures_systemd._start_manager(root)
+        try:
+            self._install()
+        except BaseException:
+            self.close()
+            raise
+
+    def _install(self) -> None:
+        extra = {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
+        cxrctl = str(Path(sys.executable).parent / "cxrctl")
+        self.manager.run(cxrctl, "install", extra_env=extra)
+        env_line = f"Environment=PYTHONPATH={extra['PYTHONPATH']}\n" if extra else ""
+        self.manager.write_dropin(
+            UNIT,
+            "bench",
+            # N starts in a row would meet StartLimitBurst=; nothing else changes.
+            "[Unit]\nStartLimitIntervalSec=0\n"
+            f"[Service]\nStandardError=append:{self.root / 'cxrd.stderr'}\n{env_line}",
+        )
+        self.manager.systemctl("daemon-reload")
+
+    def start_overhead(self, run: int, delay: float) -> float:
+        install = self.root / f"cloudxr-{run}"
+        config = self.manager.config_home / "cxrd" / "cxrd.toml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(
+            f'install_dir = "{install}"\n[runtime]\nbackend = "sim"\n'
+            f"[runtime.sim]\nstartup_delay = {delay}\n"
+            f'[proxy]\nhost = "127.0.0.1"\nport = {free_port()}\nbackend_port = {free_port()}\n'
+        )
+        began = time.monotonic()
+        result = self.manager.systemctl("start", UNIT, check=False, timeout=60)
+        took = time.monotonic() - began
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"systemctl --user start exited {result.returncode}: {result.stderr}"
+            )
+        self.manager.systemctl("stop", UNIT, timeout=60)
+        left = _leftovers(install)
+        if left:
+            raise RuntimeError(f"cloudxr.service left processes {left}")
+        return took * 1e3 - delay * 1e3
+
+    def close(self) -> None:
+        self._fixtures._stop_manager(self.manager)
+
+
+def side_by_side(runs: int, delay: float) -> dict[str, object]:
+    """Start overhead of cxrd (foreground, systemd) and isaacteleop's service, same stand-in."""
+    fg: list[float] = []
+    unit: list[float] = []
+    serving: list[float] = []
+    cli: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="cxrd-bench-systemd-") as root:
+        systemd: SystemdCxrd | None = None
+        skipped = ""
+        try:
+            systemd = SystemdCxrd(Path(root))
+        except RuntimeError as exc:
+            skipped = str(exc)
+        try:
+            for run in range(runs):
+                fg.append(cxrd_foreground(delay))
+                if systemd is not None:
+                    unit.append(systemd.start_overhead(run, delay))
+                s, c = isaacteleop_service(delay)
+                serving.append(s)
+                cli.append(c)
+        finally:
+            if systemd is not None:
+                systemd.close()
+
+    def ratio(ours: list[float], theirs: list[float]) -> float | None:
+        if not ours or statistics.median(theirs) <= 0:
+            return None
+        return round(statistics.median(ours) / statistics.median(theirs), 3)
+
+    result: dict[str, object] = {
+        "runs": runs,
+        "stand_in": "python -m cxrd.sim",
+        "stand_in_delay_ms": delay * 1e3,
+        "overhead_ms": {
+            "cxrd_foreground": stats(fg),
+            "cxrd_systemd": stats(unit) if unit else f"skipped: {skipped}",
+            "isaacteleop_serving": stats(serving),
+            "isaacteleop_cli_return": stats(cli),
+        },
+        "ratio_cxrd_over_isaacteleop": {
+            "foreground": ratio(fg, serving),
+            "systemd": ratio(unit, serving),
+            "foreground_vs_cli_return": ratio(fg, cli),
+            "systemd_vs_cli_return": ratio(unit, cli),
+        },
+        "target_ratio_at_most": 0.5,
+        "raw_ms": {
+            "cxrd_foreground": [round(v, 1) for v in fg],
+            "cxrd_systemd": [round(v, 1) for v in unit],
+            "isaacteleop_serving": [round(v, 1) for v in serving],
+            "isaacteleop_cli_return": [round(v, 1) for v in cli],
+        },
+    }
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20)
@@ -115,7 +353,15 @@ def main() -> None:
     p.add_argument("--no-proxy", action="store_true", help="runtime only")
     p.add_argument("--runtime", choices=("sim", "isaacteleop"), default="sim")
     p.add_argument("--accept-eula", action="store_true", help="isaacteleop: you accept it")
+    p.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="start overhead: cxrd (foreground, systemd) against isaacteleop's service",
+    )
     args = p.parse_args()
+    if args.side_by_side:
+        print(json.dumps(side_by_side(args.runs, args.delay), indent=2))
+        return
     proxy = not args.no_proxy
     if args.runtime == "isaacteleop":
         if not args.accept_eula:

@@ -1,0 +1,712 @@
+"""Chaos soak: a real cxrd (sim runtime) on a private bus under random overlapping commands.
+
+Starts a private ``dbus-daemon`` and ``python -m cxrd`` with the sim runtime, a
+private install dir and free loopback ports (never 48322/49100, never
+``~/.cloudxr``), then for ``--seconds`` fires operations from a plan drawn
+with a seeded RNG, without waiting for one to end before the next begins:
+
+- D-Bus ``Start`` (no options, a good ``device_profile``, a bad one such as
+  ``"Quest 3"``), ``Restart`` (good and bad profiles), ``Status``, ``Acquire``
+  and ``Release`` (of a held lease and of an unknown id), and a client that
+  takes a lease and leaves the bus without releasing it;
+- reloads: the config file rewritten with a valid change
+  (``proxy.max_connections``, ``runtime.env``) or an invalid one, then SIGHUP;
+- faults: SIGKILL of the runtime's and of the proxy's pid, read from Status().
+
+The plan (kinds, arguments, firing times) is a pure function of the seed, the
+duration and the rate; what the daemon does with it depends on real
+scheduling. Every call has a timeout: a call with no reply within it is
+*unanswered*. At the end the driver brings the daemon back to ready, releases
+its leases, measures, calls ``Stop()`` and waits for the exit.
+
+Prints one JSON object and exits 1 when any of these holds (the bounds):
+
+- a call was unanswered;
+- a call whose answer the API defines got another one: a bad profile must
+  answer ``InvalidArgs``, a ``Release`` of an unknown id ``NoSuchLease``, and
+  ``Status`` must succeed while the daemon runs;
+- the daemon exited during the soak, or after ``Stop()`` with a code other
+  than 0, or not within ``stop_timeout`` + 10 s;
+- a process whose cmdline or environ names the install dir is left (orphan);
+- the daemon's fd count grew by more than 16, or its RSS by more than 20 MiB,
+  between the first ready and the end (both measured at ready, no lease held).
+
+Total time is bounded: ``--seconds``, plus the longest call timeout to drain,
+plus start, settle and stop; at most 10,000 operations.
+
+    .venv/bin/python bench/chaos.py [--seconds 60] [--seed 8] [--rate 8] [--workdir DIR]
+        [--without KIND ...]   # leave a kind out of the plan, to look past a first finding
+
+``tests/test_chaos.py`` runs :func:`soak` for a few seconds as a CI gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import random
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from cxrd.constants import BUS_NAME, INTERFACE, OBJECT_PATH
+
+FD_GROWTH_MAX = 16
+RSS_GROWTH_MAX_KIB = 20 * 1024
+MAX_OPS = 10_000
+MAX_IN_FLIGHT = 16
+CONNECTIONS = 3
+RESERVED_PORTS = frozenset({48322, 49100})
+
+STARTUP_DELAY = 0.1
+STARTUP_TIMEOUT = 10.0
+STOP_TIMEOUT = 2.0
+
+GOOD_PROFILES = ("Quest3", "AppleVisionPro", "auto-webrtc")
+BAD_PROFILES = ("Quest 3", "Quest3\n", "Quest\t3")  # whitespace never names a profile
+# kind -> weight; the variants of each kind are drawn in plan().
+WEIGHTS = {
+    "status": 20,
+    "start": 8,
+    "start_bad": 4,
+    "restart": 4,
+    "restart_bad": 4,
+    "acquire": 6,
+    "release": 6,
+    "leave_bus": 2,
+    "reload": 5,
+    "reload_bad": 3,
+    "kill_runtime": 3,
+    "kill_proxy": 3,
+}
+# Invalid reloads: the file as it would be with one bad edit.
+BAD_RELOADS = (
+    "max_connections_type",  # proxy.max_connections = "many"
+    "max_connections_zero",  # proxy.max_connections = 0
+    "reserved_env",  # runtime.env.XR_RUNTIME_JSON
+    "env_newline",  # a runtime.env value with a line break
+    "profile_space",  # runtime.device_profile = "Quest 3"
+    "sim_negative",  # runtime.sim.startup_delay = -1
+)
+
+_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:dir={dir}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"""
+
+
+@dataclass(frozen=True)
+class Op:
+    at: float  # seconds after the soak began
+    kind: str
+    arg: str  # the variant: a profile, a reload edit, a lease index
+    conn: int  # which of the driver's connections calls
+
+
+def plan(seed: int, seconds: float, rate: float, without: Iterable[str] = ()) -> list[Op]:
+    """The soak's operations; the same seed, duration, rate and exclusions give the same list."""
+    rng = random.Random(seed)
+    left = {k: w for k, w in WEIGHTS.items() if k not in set(without)}
+    kinds, weights = list(left), list(left.values())
+    ops: list[Op] = []
+    at = 0.0
+    while len(ops) < MAX_OPS:
+        at += rng.expovariate(rate)
+        if at >= seconds:
+            break
+        kind = rng.choices(kinds, weights)[0]
+        arg = ""
+        if kind in ("start", "restart"):
+            arg = rng.choice(("", *GOOD_PROFILES))
+        elif kind in ("start_bad", "restart_bad"):
+            arg = rng.choice(BAD_PROFILES)
+        elif kind == "release":
+            arg = rng.choice(("unknown", str(rng.randrange(1000))))
+        elif kind == "reload":
+            arg = rng.choice((f"max_connections={rng.randint(8, 128)}", f"env={len(ops)}"))
+        elif kind == "reload_bad":
+            arg = rng.choice(BAD_RELOADS)
+        ops.append(Op(round(at, 4), kind, arg, rng.randrange(CONNECTIONS)))
+    return ops
+
+
+def plan_digest(ops: list[Op]) -> str:
+    text = "\n".join(f"{o.at}|{o.kind}|{o.arg}|{o.conn}" for o in ops)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def free_port() -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in RESERVED_PORTS:
+            return port
+
+
+@contextlib.contextmanager
+def private_bus(workdir: Path, timeout: float = 10.0) -> Iterator[str]:
+    """A throwaway ``dbus-daemon`` for the command-line run; yields its address."""
+    if shutil.which("dbus-daemon") is None:
+        raise SystemExit("dbus-daemon is not installed")
+    sock_dir = Path(tempfile.mkdtemp(prefix="cxrd-chaos-bus-"))
+    config = workdir / "bus.conf"
+    config.write_text(_BUS_CONFIG.format(dir=sock_dir))
+    proc = subprocess.Popen(
+        ["dbus-daemon", f"--config-file={config}", "--print-address", "--nofork"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        address = proc.stdout.readline().decode().strip() if ready else ""
+        if not address:
+            raise SystemExit(f"dbus-daemon printed no address within {timeout:g} s")
+        yield address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+@dataclass
+class Layout:
+    """The daemon's private files and ports."""
+
+    workdir: Path
+    proxy_port: int = field(default_factory=free_port)
+    backend_port: int = field(default_factory=free_port)
+
+    @property
+    def install_dir(self) -> Path:
+        return self.workdir / "cloudxr"
+
+    @property
+    def config(self) -> Path:
+        return self.workdir / "cxrd.toml"
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "cxrd.stderr"
+
+    def write_config(self, edit: str = "") -> None:
+        """The soak's config, with one edit (a reload's change) applied."""
+        max_connections: object = 64
+        env = {"CHAOS": "1"}
+        profile, delay = "Quest3", STARTUP_DELAY
+        key, _, value = edit.partition("=")
+        if key == "max_connections":
+            max_connections = int(value)
+        elif key == "env":
+            env["CHAOS_GENERATION"] = value
+        elif key == "max_connections_type":
+            max_connections = "many"
+        elif key == "max_connections_zero":
+            max_connections = 0
+        elif key == "reserved_env":
+            env["XR_RUNTIME_JSON"] = "/tmp/elsewhere.json"
+        elif key == "env_newline":
+            env["CHAOS_GENERATION"] = "two\nlines"
+        elif key == "profile_space":
+            profile = "Quest 3"
+        elif key == "sim_negative":
+            delay = -1.0
+        elif key:
+            raise ValueError(f"unknown config edit {edit!r}")
+        env_toml = ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items())
+        self.config.write_text(
+            f"install_dir = {json.dumps(str(self.install_dir))}\n"
+            "[runtime]\n"
+            'backend = "sim"\n'
+            f"startup_timeout = {STARTUP_TIMEOUT}\nstop_timeout = {STOP_TIMEOUT}\n"
+            f"device_profile = {json.dumps(profile)}\n"
+            f"env = {{ {env_toml} }}\n"
+            f"[runtime.sim]\nstartup_delay = {delay}\n"
+            '[proxy]\nhost = "127.0.0.1"\n'
+            f"port = {self.proxy_port}\nbackend_port = {self.backend_port}\n"
+            f"max_connections = {json.dumps(max_connections)}\n"
+            # Kills are the point here, not giving up: the restart budget is large.
+            "[restart]\nmax_restarts = 100000\nwindow = 60.0\n"
+            "backoff_initial = 0.05\nbackoff_max = 0.2\n"
+        )
+
+    def env(self, address: str) -> dict[str, str]:
+        drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "LISTEN_FDS")
+        env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("CXRD_")}
+        runtime_dir = self.workdir / "xdg-runtime"
+        runtime_dir.mkdir(mode=0o700, exist_ok=True)
+        env.update(
+            DBUS_SESSION_BUS_ADDRESS=address,
+            XDG_RUNTIME_DIR=str(runtime_dir),
+            XDG_CONFIG_HOME=str(self.workdir / "config"),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+
+def mentions(pid: int, needle: bytes) -> bool:
+    """Whether a live (not zombie) process's cmdline or environ names ``needle``."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        return any(needle in proc.joinpath(name).read_bytes() for name in ("cmdline", "environ"))
+    except (OSError, IndexError):
+        return False
+
+
+def processes_of(install_dir: Path) -> list[int]:
+    needle, me = str(install_dir).encode(), os.getpid()
+    return [
+        int(e.name)
+        for e in Path("/proc").iterdir()
+        if e.name.isdigit() and int(e.name) != me and mentions(int(e.name), needle)
+    ]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "(gone)"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Variant):
+        return _plain(value.value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class Driver:
+    """Fires the plan at the daemon and keeps the score."""
+
+    layout: Layout
+    daemon: subprocess.Popen[bytes]
+    address: str
+    call_timeout: float
+    start_timeout: float
+    buses: list[MessageBus] = field(default_factory=list)
+    operations: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+    answers: dict[str, Counter[str]] = field(default_factory=dict)
+    errors: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    unanswered: list[dict[str, Any]] = field(default_factory=list)
+    unexpected: list[dict[str, Any]] = field(default_factory=list)
+    leases: dict[int, list[str]] = field(default_factory=dict)
+    states: Counter[str] = field(default_factory=Counter)
+    began: float = 0.0
+
+    async def connect(self) -> MessageBus:
+        bus = MessageBus(bus_address=self.address)
+        return await asyncio.wait_for(bus.connect(), self.call_timeout)
+
+    async def call(
+        self,
+        bus: MessageBus,
+        label: str,
+        member: str,
+        signature: str = "",
+        body: list[Any] | None = None,
+        *,
+        slow: bool = False,
+    ) -> tuple[str, list[Any]]:
+        """One call with its timeout; the answer is "ok", an error name, or "unanswered"."""
+        msg = Message(
+            destination=BUS_NAME,
+            path=OBJECT_PATH,
+            interface=INTERFACE,
+            member=member,
+            signature=signature,
+            body=body or [],
+            flags=MessageFlag.NO_AUTOSTART,
+        )
+        timeout = self.start_timeout if slow else self.call_timeout
+        t0 = time.monotonic()
+        try:
+            reply = await asyncio.wait_for(bus.call(msg), timeout)
+        except TimeoutError:
+            self.unanswered.append(
+                {"t": round(t0 - self.began, 3), "call": label, "timeout_s": timeout}
+            )
+            self.answers.setdefault(label, Counter())["unanswered"] += 1
+            return "unanswered", []
+        self.latencies.append(time.monotonic() - t0)
+        if reply is None or reply.message_type is MessageType.METHOD_RETURN:
+            answer, out = "ok", list(reply.body) if reply else []
+        else:
+            answer, out = str(reply.error_name).rsplit(".", 1)[-1], []
+            self.errors[str(reply.error_name)] += 1
+        self.answers.setdefault(label, Counter())[answer] += 1
+        return answer, out
+
+    def expect(self, label: str, answer: str, wanted: str) -> None:
+        # A bus error once the daemon is gone is the exit check's finding, not this one.
+        if answer in (wanted, "unanswered") or self.daemon.poll() is not None:
+            return
+        self.unexpected.append(
+            {"t": round(time.monotonic() - self.began, 3), "call": label, "answer": answer}
+        )
+
+    async def status(self, bus: MessageBus, label: str = "Status") -> dict[str, Any]:
+        answer, out = await self.call(bus, label, "Status")
+        self.expect(label, answer, "ok")
+        return _plain(out[0]) if out else {}
+
+    async def fire(self, op: Op) -> None:
+        bus = self.buses[op.conn]
+        self.operations[op.kind] += 1
+        if op.kind == "status":
+            await self.status(bus)
+        elif op.kind in ("start", "start_bad", "restart", "restart_bad"):
+            member = "Start" if op.kind.startswith("start") else "Restart"
+            options = {"device_profile": Variant("s", op.arg)} if op.arg else {}
+            label = f"{member}({'bad profile' if op.kind.endswith('_bad') else op.arg or ''})"
+            answer, _ = await self.call(bus, label, member, "a{sv}", [options], slow=True)
+            if op.kind.endswith("_bad"):
+                self.expect(label, answer, "InvalidArgs")
+        elif op.kind == "acquire":
+            answer, out = await self.call(bus, "Acquire", "Acquire", "s", ["chaos"])
+            if answer == "ok":
+                self.leases.setdefault(op.conn, []).append(str(out[0]))
+        elif op.kind == "release":
+            held = self.leases.get(op.conn, [])
+            if op.arg == "unknown" or not held:
+                answer, _ = await self.call(bus, "Release(unknown)", "Release", "s", ["nope-0"])
+                self.expect("Release(unknown)", answer, "NoSuchLease")
+            else:
+                lease = held.pop(int(op.arg) % len(held))
+                await self.call(bus, "Release(held)", "Release", "s", [lease])
+        elif op.kind == "leave_bus":
+            # A lease holder that vanishes without Release (its connection closes).
+            leaver = await self.connect()
+            try:
+                await self.call(leaver, "Acquire(then leave)", "Acquire", "s", ["leaver"])
+            finally:
+                leaver.disconnect()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(leaver.wait_for_disconnect(), self.call_timeout)
+        elif op.kind in ("reload", "reload_bad"):
+            self.layout.write_config(op.arg)
+            self.faults[f"{op.kind}:{op.arg.partition('=')[0]}"] += 1
+            self.daemon.send_signal(signal.SIGHUP)
+        elif op.kind in ("kill_runtime", "kill_proxy"):
+            child = op.kind.removeprefix("kill_")
+            snap = await self.status(bus, f"Status(before {op.kind})")
+            pid = int(snap.get(child, {}).get("pid", 0))
+            # Only a process of this soak's install dir, never a pid reused by another.
+            if pid > 0 and mentions(pid, str(self.layout.install_dir).encode()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    self.faults[op.kind] += 1
+                    return
+            self.skipped[f"{op.kind}: no {child} pid"] += 1
+        else:
+            raise ValueError(f"unknown operation {op.kind!r}")
+
+    def on_message(self, msg: Message) -> None:
+        if msg.message_type is MessageType.SIGNAL and msg.member == "StateChanged":
+            self.states[f"{msg.body[1]}->{msg.body[0]}"] += 1
+
+
+async def _wait_ready(driver: Driver, bus: MessageBus) -> str:
+    answer, _ = await driver.call(bus, "Start(settle)", "Start", "a{sv}", [{}], slow=True)
+    return answer
+
+
+async def _drive(
+    layout: Layout, daemon: subprocess.Popen[bytes], address: str, ops: list[Op], **kw: float
+) -> dict[str, Any]:
+    driver = Driver(layout, daemon, address, kw["call_timeout"], kw["start_timeout"])
+    report: dict[str, Any] = {}
+    deadline = time.monotonic() + kw["start_timeout"]
+    while True:  # the daemon takes its bus name a moment after it starts
+        try:
+            driver.buses = [await driver.connect() for _ in range(CONNECTIONS)]
+            break
+        except (OSError, TimeoutError):
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                raise
+            await asyncio.sleep(0.1)
+    watcher = await driver.connect()
+    try:
+        await watcher.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[f"type='signal',interface='{INTERFACE}',member='StateChanged'"],
+            )
+        )
+        watcher.add_message_handler(driver.on_message)
+        driver.began = time.monotonic()
+        while daemon.poll() is None:  # no bus name yet: ServiceUnknown
+            if await _wait_ready(driver, driver.buses[0]) == "ok":
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cxrd never became ready; see {layout.log}")
+            await asyncio.sleep(0.1)
+        driver.answers.clear()
+        driver.errors.clear()
+        driver.latencies.clear()
+        if daemon.poll() is not None:
+            raise RuntimeError(f"cxrd exited {daemon.returncode} before ready; see {layout.log}")
+        report["fds_start"], report["rss_kib_start"] = fd_count(daemon.pid), rss_kib(daemon.pid)
+
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        tasks: list[asyncio.Task[None]] = []
+
+        async def bounded(op: Op) -> None:
+            async with slots:
+                await driver.fire(op)
+
+        driver.began = time.monotonic()
+        for fired, op in enumerate(ops):
+            delay = driver.began + op.at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if daemon.poll() is not None:
+                report["daemon_exited_during_soak"] = {
+                    "at_s": round(time.monotonic() - driver.began, 3),
+                    "code": daemon.returncode,
+                    "after_ops": [_show(o) for o in ops[max(0, fired - 6) : fired]],
+                }
+                break
+            tasks.append(asyncio.create_task(bounded(op)))
+        # Every call is bounded by its own timeout; this only drains them.
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        crashed = [repr(r) for r in results if isinstance(r, BaseException)]
+        report["driver_exceptions"] = crashed[:10]
+
+        if daemon.poll() is None:
+            # Back to ready with no lease, then measure against the start.
+            report["settle_start"] = await _wait_ready(driver, driver.buses[0])
+            for conn, held in driver.leases.items():
+                for lease in held:
+                    await driver.call(driver.buses[conn], "Release(held)", "Release", "s", [lease])
+            driver.leases.clear()
+            await asyncio.sleep(1.0)
+            if daemon.poll() is None:
+                report["fds_end"] = fd_count(daemon.pid)
+                report["rss_kib_end"] = rss_kib(daemon.pid)
+                report["stop"] = (await driver.call(driver.buses[0], "Stop", "Stop"))[0]
+    finally:
+        for bus in [*driver.buses, watcher]:
+            bus.disconnect()
+    lat = sorted(driver.latencies)
+    report.update(
+        operations=dict(sorted(driver.operations.items())),
+        operations_fired=sum(driver.operations.values()),
+        faults_injected=dict(sorted(driver.faults.items())),
+        faults_skipped=dict(sorted(driver.skipped.items())),
+        calls_answered=len(lat),
+        calls_unanswered=len(driver.unanswered),
+        unanswered=driver.unanswered[:20],
+        unexpected_answers=driver.unexpected[:20],
+        unexpected_count=len(driver.unexpected),
+        answers={k: dict(sorted(v.items())) for k, v in sorted(driver.answers.items())},
+        errors_by_name=dict(sorted(driver.errors.items())),
+        latency_ms={
+            "max": round(lat[-1] * 1e3, 1) if lat else None,
+            "p99": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, 1) if lat else None,
+            "p50": round(lat[len(lat) // 2] * 1e3, 1) if lat else None,
+        },
+        state_changes=dict(sorted(driver.states.items())),
+    )
+    return report
+
+
+def _show(op: Op) -> str:
+    return f"{op.at:.3f}s {op.kind}({op.arg!r})"
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """Why the soak fails, one line each; empty when it passes."""
+    out = []
+    if "setup_error" in report:
+        out.append(f"the soak could not begin: {report['setup_error']}")
+    if report.get("daemon_exited_during_soak"):
+        out.append(f"daemon exited during the soak: {report['daemon_exited_during_soak']}")
+    if report.get("calls_unanswered"):
+        out.append(f"{report['calls_unanswered']} calls unanswered: {report['unanswered'][:3]}")
+    if report.get("unexpected_count"):
+        shown = report["unexpected_answers"][:3]
+        out.append(f"{report['unexpected_count']} unexpected answers: {shown}")
+    if report.get("driver_exceptions"):
+        out.append(f"driver exceptions: {report['driver_exceptions'][:3]}")
+    if report.get("daemon_exit_code") != 0:
+        out.append(f"daemon exit code {report.get('daemon_exit_code')}")
+    if report.get("orphans"):
+        out.append(f"orphans left: {report['orphans']}")
+    if "fds_end" not in report:
+        out.append("no end measurement (the daemon was gone)")
+    else:
+        if report["fds_end"] - report["fds_start"] > FD_GROWTH_MAX:
+            out.append(f"fd count grew {report['fds_start']} -> {report['fds_end']}")
+        if report["rss_kib_end"] - report["rss_kib_start"] > RSS_GROWTH_MAX_KIB:
+            out.append(f"RSS grew {report['rss_kib_start']} -> {report['rss_kib_end']} KiB")
+    return out
+
+
+def soak(
+    address: str,
+    workdir: Path,
+    *,
+    seconds: float = 60.0,
+    seed: int = 8,
+    rate: float = 8.0,
+    call_timeout: float = 5.0,
+    start_timeout: float = 20.0,
+    without: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Run cxrd on the bus at ``address`` under the seed's plan; the report, with ``failures``."""
+    layout = Layout(workdir)
+    layout.write_config()
+    without = sorted(set(without))
+    ops = plan(seed, seconds, rate, without)
+    began = time.monotonic()
+    with layout.log.open("ab") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "cxrd", "--config", str(layout.config)],
+            env=layout.env(address),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
+    report: dict[str, Any] = {"seed": seed, "seconds": seconds, "rate_per_s": rate}
+    report["without"] = without
+    report.update(plan_ops=len(ops), plan_digest=plan_digest(ops), daemon_pid=daemon.pid)
+    try:
+        try:
+            report.update(
+                asyncio.run(
+                    _drive(
+                        layout,
+                        daemon,
+                        address,
+                        ops,
+                        call_timeout=call_timeout,
+                        start_timeout=start_timeout,
+                    )
+                )
+            )
+        except (RuntimeError, OSError, TimeoutError) as exc:
+            report["setup_error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            report["daemon_exit_code"] = daemon.wait(timeout=STOP_TIMEOUT + 10)
+        except subprocess.TimeoutExpired:
+            report["daemon_exit_code"] = f"still running {STOP_TIMEOUT + 10:g} s after Stop()"
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(timeout=10)
+        # A child that outlives the daemon by a moment is still on its way out.
+        deadline = time.monotonic() + 3.0
+        while (left := processes_of(layout.install_dir)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        report["orphans"] = [{"pid": pid, "cmdline": _cmdline(pid)} for pid in left]
+        for pid in left:  # never leave them to the next run
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    report["wall_s"] = round(time.monotonic() - began, 1)
+    report["failures"] = failures(report)
+    return report
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--seed", type=int, default=8)
+    p.add_argument("--rate", type=float, default=8.0, help="operations per second (mean)")
+    p.add_argument("--call-timeout", type=float, default=5.0, help="seconds, most calls")
+    p.add_argument("--start-timeout", type=float, default=20.0, help="seconds, Start/Restart")
+    p.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        choices=sorted(WEIGHTS),
+        help="leave this kind of operation out of the plan (repeatable), to look past a finding",
+    )
+    p.add_argument(
+        "--workdir", type=Path, help="keep the daemon's files here (default: a temp dir)"
+    )
+    args = p.parse_args()
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cxrd-chaos-")))
+        else:
+            workdir = args.workdir.resolve()
+            workdir.mkdir(parents=True, exist_ok=True)
+        address = stack.enter_context(private_bus(workdir))
+        report = soak(
+            address,
+            workdir,
+            seconds=args.seconds,
+            seed=args.seed,
+            rate=args.rate,
+            call_timeout=args.call_timeout,
+            start_timeout=args.start_timeout,
+            without=args.without,
+        )
+        if report["failures"]:
+            tail = Layout(workdir).log.read_text(errors="replace").splitlines()[-40:]
+            report["daemon_log_tail"] = tail
+        print(json.dumps(report, indent=2))
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
