@@ -10,18 +10,85 @@ import errno
 import fcntl
 import json
 import os
+import pwd
 import socket
+import stat
 import struct
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from cxrd import constants as C
-from cxrd.errors import AlreadyServing
+from cxrd.errors import AlreadyServing, InvalidConfig
+
+# sun_path holds 108 bytes with its terminating NUL, which C runtimes write.
+MAX_SOCKET_PATH = 107
+
+_ELSEWHERE = "or set install_dir (--install-dir) to a directory of your own"
 
 
 def ensure_run_dir(run_dir: Path) -> None:
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(run_dir, 0o700)
+    """Make ``run_dir`` (and the install dir above it), or check it: a real directory, ours, 0700.
+
+    The lock, the runtime's socket and the environment file live here: a
+    symlink or another user's directory would hand them to whoever controls
+    it, so either is refused. Only the mode of our own directory is put right.
+    """
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(run_dir, 0o700)
+    except OSError as exc:
+        raise InvalidConfig(
+            f"{exc.filename or run_dir}: cannot make the run directory {run_dir}: "
+            f"{exc.strerror}; make {run_dir.parent} a directory you can write, {_ELSEWHERE}"
+        ) from None
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        _refuse_unusable(run_dir, exc)
+    try:
+        info = os.fstat(fd)
+        _check_owner(run_dir, info.st_uid)
+        if stat.S_IMODE(info.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def _refuse_unusable(run_dir: Path, exc: OSError) -> NoReturn:
+    """Why ``run_dir`` cannot be opened as a directory: a link, another user's, or ``exc``."""
+    try:
+        info = os.lstat(run_dir)
+    except OSError:
+        pass
+    else:
+        if stat.S_ISLNK(info.st_mode):
+            raise InvalidConfig(
+                f"{run_dir} is a symbolic link; cxrd keeps its lock and the runtime's socket "
+                f"only in a real directory: remove the link (cxrd makes the directory), "
+                f"{_ELSEWHERE}"
+            ) from None
+        _check_owner(run_dir, info.st_uid)
+    raise InvalidConfig(
+        f"{run_dir}: cannot use it as the run directory: {exc.strerror}; remove it "
+        f"(cxrd makes it again), {_ELSEWHERE}"
+    ) from None
+
+
+def _check_owner(run_dir: Path, uid: int) -> None:
+    if uid != os.getuid():
+        raise InvalidConfig(
+            f"{run_dir} belongs to {_user(uid)}, not to {_user(os.getuid())}: remove it "
+            f"(cxrd makes it again, mode 0700), {_ELSEWHERE}"
+        )
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 class InstallLock:
@@ -30,7 +97,14 @@ class InstallLock:
     def __init__(self, run_dir: Path) -> None:
         ensure_run_dir(run_dir)
         self.path = run_dir / C.LOCK_FILE
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            self._fd = os.open(self.path, flags, 0o600)
+        except OSError as exc:
+            raise InvalidConfig(
+                f"{self.path}: cannot open the install lock: {exc.strerror}; make {run_dir} "
+                f"writable, {_ELSEWHERE}"
+            ) from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -52,8 +126,19 @@ def live_runtime_pid(run_dir: Path) -> int | None:
 
     A socket file alone proves nothing: only a successful connect() does. Like
     isaacteleop, an error that is not a plain "nobody listens" counts as live.
+    A path too long for a Unix socket is an error of its own: no runtime can
+    serve there, and "live" would send the user looking for one.
     """
     path = run_dir / C.IPC_SOCKET
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        install = run_dir.parent
+        limit = MAX_SOCKET_PATH - size + len(os.fsencode(install))
+        raise InvalidConfig(
+            f"{path}: {size} bytes, too long for the runtime's Unix socket (at most "
+            f"{MAX_SOCKET_PATH}): set install_dir (--install-dir) to a path of at most "
+            f"{limit} bytes instead of {install}"
+        )
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
         try:
@@ -80,7 +165,10 @@ def remove_stale(run_dir: Path) -> list[str]:
 
 
 def write_last_error(run_dir: Path, what: str, error: str, stderr_tail: str) -> None:
-    """Record why the daemon ended, for ``cxrctl status`` after it is gone."""
+    """Record why the daemon ended, for ``cxrctl status`` after it is gone.
+
+    Raises OSError, or InvalidConfig for a run dir :func:`ensure_run_dir` refuses.
+    """
     ensure_run_dir(run_dir)
     record = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -1,0 +1,154 @@
+"""The run dir on a real file system: ownership, links, modes, read-only mounts, socket paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from support import TIMEOUT
+
+from cxrd.errors import InvalidConfig
+from cxrd.system.rundir import MAX_SOCKET_PATH, InstallLock, ensure_run_dir, live_runtime_pid
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_the_run_dir_is_made_private_and_a_loose_mode_of_ours_is_put_right(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "install" / "run"
+    lock = InstallLock(run_dir)
+    try:
+        assert mode(run_dir) == 0o700
+        assert (run_dir / "cxrd.lock").read_text() == f"{os.getpid()}\n"
+    finally:
+        lock.release()
+    os.chmod(run_dir, 0o755)
+    ensure_run_dir(run_dir)
+    assert mode(run_dir) == 0o700
+
+
+def test_a_symlinked_run_dir_is_refused_and_nothing_is_written_through_it(
+    tmp_path: Path,
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    install = tmp_path / "install"
+    install.mkdir()
+    (install / "run").symlink_to(elsewhere)
+    with pytest.raises(InvalidConfig) as refused:
+        InstallLock(install / "run")
+    message = str(refused.value)
+    assert f"{install / 'run'} is a symbolic link" in message
+    assert "remove the link" in message and "install_dir" in message
+    assert list(elsewhere.iterdir()) == [] and mode(elsewhere) == 0o755
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_a_run_dir_of_another_user_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    run_dir = tmp_path / "install" / "run"
+    run_dir.mkdir(parents=True, mode=0o755)
+    os.chown(run_dir, 4242, 4242)
+    with pytest.raises(InvalidConfig) as refused:
+        InstallLock(run_dir)
+    message = str(refused.value)
+    assert f"{run_dir} belongs to uid 4242, not to " in message
+    assert "remove it" in message and "install_dir" in message
+    assert mode(run_dir) == 0o755 and list(run_dir.iterdir()) == []
+
+
+def test_an_install_dir_below_a_file_is_a_named_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory\n")
+    run_dir = tmp_path / "file" / "install" / "run"
+    with pytest.raises(InvalidConfig) as refused:
+        InstallLock(run_dir)
+    message = str(refused.value)
+    assert f"cannot make the run directory {run_dir}: Not a directory" in message
+    assert "install_dir" in message
+
+
+def test_a_file_named_run_is_a_named_error(tmp_path: Path) -> None:
+    (tmp_path / "run").write_text("")
+    with pytest.raises(InvalidConfig, match=r"run: cannot use it as the run directory: Not a"):
+        ensure_run_dir(tmp_path / "run")
+
+
+READ_ONLY_PROBE = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from cxrd.errors import CxrdError
+    from cxrd.system.rundir import InstallLock
+    for run_dir in sys.argv[1:]:
+        try:
+            InstallLock(Path(run_dir))
+        except CxrdError as err:
+            print(type(err).__name__, err)
+        else:
+            print("locked", run_dir)
+    """
+)
+
+
+def test_a_read_only_install_dir_is_a_named_error(tmp_path: Path) -> None:
+    """Root ignores modes, not a read-only mount: a tmpfs remounted ro, in a mount namespace."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    script = (
+        f'mount -t tmpfs -o size=1m tmpfs "{mnt}" && mkdir -m 0700 "{mnt}/old" "{mnt}/old/run" '
+        f'&& mount -o remount,ro "{mnt}" || exit 77; '
+        f'exec "$0" -c "$1" "{mnt}/new/run" "{mnt}/old/run"'
+    )
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+         sys.executable, READ_ONLY_PROBE],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    if out.returncode == 77 or "unshare failed" in out.stderr:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {out.stderr.strip()}")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    fresh, existing = out.stdout.splitlines()
+    assert fresh.startswith(f"InvalidConfig {mnt}/new: cannot make the run directory")
+    assert "Read-only file system" in fresh and "install_dir" in fresh
+    assert existing.startswith(f"InvalidConfig {mnt}/old/run/cxrd.lock: cannot open the install")
+    assert "Read-only file system" in existing and "install_dir" in existing
+
+
+def install_dir_with_socket_path_of(tmp_path: Path, size: int) -> Path:
+    """An install dir whose ``run/ipc_cloudxr`` is exactly ``size`` bytes long."""
+    fixed = len(os.fsencode(tmp_path / "x" / "run" / "ipc_cloudxr"))
+    install = tmp_path / ("x" * (1 + size - fixed))
+    assert len(os.fsencode(install / "run" / "ipc_cloudxr")) == size
+    return install
+
+
+def test_a_socket_path_that_fits_is_probed_for_a_live_runtime(tmp_path: Path) -> None:
+    run_dir = install_dir_with_socket_path_of(tmp_path, MAX_SOCKET_PATH) / "run"
+    ensure_run_dir(run_dir)
+    assert live_runtime_pid(run_dir) is None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(os.fspath(run_dir / "ipc_cloudxr"))
+        listener.listen()
+        assert live_runtime_pid(run_dir) == os.getpid()
+
+
+def test_a_socket_path_too_long_is_named_not_taken_for_a_live_runtime(tmp_path: Path) -> None:
+    install = install_dir_with_socket_path_of(tmp_path, MAX_SOCKET_PATH + 1)
+    ensure_run_dir(install / "run")
+    with pytest.raises(InvalidConfig) as refused:
+        live_runtime_pid(install / "run")
+    message = str(refused.value)
+    limit = len(os.fsencode(install)) - 1
+    assert f"{install}/run/ipc_cloudxr: {MAX_SOCKET_PATH + 1} bytes, too long" in message
+    assert f"install_dir (--install-dir) to a path of at most {limit} bytes" in message
