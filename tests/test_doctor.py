@@ -20,7 +20,9 @@ from fixtures_systemd import UserManager
 from support import free_port
 
 from cxrd import constants as C
-from cxrd.cli.doctor import Check, find_shared_library, run_checks, unit_exec_argv
+from cxrd.cli.doctor import Check, run_checks
+from cxrd.cli.doctor.runtime import find_shared_library
+from cxrd.cli.doctor.systemd import unit_exec_argv
 from cxrd.cli.install import install
 from cxrd.config import Config, ProxyConfig, RuntimeConfig
 from cxrd.system import eula

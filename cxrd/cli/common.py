@@ -1,0 +1,52 @@
+"""What every ``cxrctl`` command shares: terminal output, the config, a client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, TextIO, TypeVar
+
+from cxrd.client import AsyncCloudXRClient
+from cxrd.config import Config, load_config
+
+_T = TypeVar("_T")
+
+
+class Out:
+    """Colour only for a terminal, and never with NO_COLOR (https://no-color.org)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = isatty(stream)
+        self.color = self.tty and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+    def paint(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+    def line(self, text: str = "") -> None:
+        print(text, file=self.stream, flush=True)
+
+
+def isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config that ``--config`` and ``--install-dir`` name."""
+    overrides = {"install_dir": args.install_dir} if args.install_dir else None
+    return load_config(args.config, overrides=overrides)
+
+
+def with_client(fn: Callable[[AsyncCloudXRClient], Coroutine[Any, Any, _T]]) -> _T:
+    """Run ``fn`` with a client connected for it, on a loop of its own."""
+
+    async def call() -> _T:
+        async with AsyncCloudXRClient() as client:
+            return await fn(client)
+
+    return asyncio.run(call())

@@ -1,0 +1,100 @@
+"""``cxrctl start``, ``restart``, ``wait`` and ``stop``: the daemon's lifecycle, with progress."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from cxrd.cli.common import Out, with_client
+from cxrd.client import AsyncCloudXRClient
+from cxrd.core.snapshot import Snapshot
+from cxrd.errors import NotRunning
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    if args.no_block:
+
+        async def request(client: AsyncCloudXRClient) -> int:
+            client.start_no_block(device_profile=args.profile)
+            # One round trip after it, so the request has left before we disconnect.
+            await client.is_running()
+            Out(sys.stdout).line("start requested; `cxrctl wait` waits until ready")
+            return 0
+
+        return with_client(request)
+
+    async def start(client: AsyncCloudXRClient) -> int:
+        coro = client.start(timeout=args.timeout, device_profile=args.profile)
+        snap, elapsed = await _with_progress("Starting CloudXR", coro)
+        _print_ready(snap, f"ready in {elapsed:.1f} s")
+        return 0
+
+    return with_client(start)
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    async def restart(client: AsyncCloudXRClient) -> int:
+        coro = client.restart(timeout=args.timeout, device_profile=args.profile)
+        snap, elapsed = await _with_progress("Restarting CloudXR", coro)
+        _print_ready(snap, f"restarted in {elapsed:.1f} s")
+        return 0
+
+    return with_client(restart)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    async def wait(client: AsyncCloudXRClient) -> int:
+        coro = client.wait_ready(args.timeout)
+        snap, elapsed = await _with_progress("Waiting for CloudXR", coro)
+        _print_ready(snap, f"ready after {elapsed:.1f} s")
+        return 0
+
+    return with_client(wait)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    async def stop(client: AsyncCloudXRClient) -> int:
+        was_running = await client.stop(timeout=args.timeout)
+        Out(sys.stdout).line("stopped" if was_running else "not running")
+        return 0
+
+    try:
+        return with_client(stop)
+    except NotRunning:
+        Out(sys.stdout).line("not running")
+        return 0
+
+
+async def _with_progress(what: str, coro: Coroutine[Any, Any, Snapshot]) -> tuple[Snapshot, float]:
+    """Await ``coro``; on a terminal, redraw one line with the elapsed time meanwhile."""
+    began = time.monotonic()
+    err = Out(sys.stderr)
+    if not err.tty:
+        return await coro, time.monotonic() - began
+    task = asyncio.ensure_future(coro)
+    try:
+        while not task.done():
+            elapsed = time.monotonic() - began
+            err.stream.write(f"\r\033[K{what}… {elapsed:.1f} s")
+            err.stream.flush()
+            await asyncio.wait({task}, timeout=0.1)
+    finally:
+        err.stream.write("\r\033[K")
+        err.stream.flush()
+        if not task.done():
+            task.cancel()
+    return task.result(), time.monotonic() - began
+
+
+def _print_ready(snap: Snapshot, words: str) -> None:
+    out = Out(sys.stdout)
+    out.line(
+        f"{out.paint('●', '32')} CloudXR {words} (pid {snap.runtime.pid}, {snap.device_profile})"
+    )
+    if snap.proxy.url:
+        out.line(f"  proxy: {snap.proxy.url}")
+    out.line(f'  env:   {snap.env_file}  (eval "$(cxrctl env)")')
