@@ -1,7 +1,18 @@
 """Child process groups: spawn, stop, reap. The one home of fork/exec and kill.
 
 Each child runs in a new session, so its pid is its process group id and one
-``killpg`` reaches every grandchild that did not leave the group.
+``killpg`` reaches every grandchild that did not leave the group. A child is
+over only when its whole group is: :meth:`Child.wait` resolves (and
+``returncode`` is set, to the leader's status) once no process is left in the
+group, so a restart never overlaps the old run's grandchildren.
+
+- A stop SIGTERMs the group, gives the whole group ``timeout`` to exit, then
+  SIGKILLs what is left of it.
+- A leader that ends by itself (a crash, or an exit) may leave processes in
+  its group: they get SIGTERM at once and SIGKILL after ``LEFTOVER_GRACE``.
+- After a SIGKILL the group is waited for at most ``KILL_GRACE`` more (a
+  process in uninterruptible sleep dies only when the kernel lets it), then
+  given up on with a warning.
 """
 
 from __future__ import annotations
@@ -39,6 +50,17 @@ class ChildSpec:
 _DAEMON_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
 
+# Crash leftovers get this long between SIGTERM and SIGKILL.
+LEFTOVER_GRACE = 5.0
+# The longest wait for a SIGKILLed group to be gone.
+KILL_GRACE = 2.0
+# No kernel event says that a process group is empty (a pidfd follows one
+# process, and grandchildren are not ours to reap): once the leader is reaped,
+# the group is polled, from every 5 ms up to every 100 ms.
+_POLL_FIRST = 0.005
+_POLL_MAX = 0.1
+
+
 class Child:
     """A running child process group and how to end it."""
 
@@ -48,39 +70,89 @@ class Child:
         self.started_at = time.time()
         self._proc = proc
         self._guard = guard
-        self._reaped = asyncio.ensure_future(self._reap())
+        self._stopping = False
+        self._killed_at: float | None = None
+        self._gone = asyncio.ensure_future(self._watch())
 
     @property
     def returncode(self) -> int | None:
-        return self._proc.returncode
-
-    async def _reap(self) -> int:
-        code = await self._proc.wait()
-        # The leader is gone; anything left in its group is an orphan of ours.
-        _killpg(self.pid, signal.SIGKILL)
-        self._guard.forget(self.pid)
-        log.debug("%s (pid %d) %s", self.spec.name, self.pid, describe_exit(code))
-        return code
+        """The leader's exit status once the whole group is gone; None until then."""
+        return self._proc.returncode if self._gone.done() else None
 
     async def wait(self) -> int:
-        return await asyncio.shield(self._reaped)
+        """The leader's exit status, once no process of the group is left."""
+        return await asyncio.shield(self._gone)
 
     async def stop(self, timeout: float) -> int:
-        """SIGTERM the group, SIGKILL it after ``timeout``, reap. Idempotent."""
-        if self.returncode is None:
-            _killpg(self.pid, signal.SIGTERM)
+        """SIGTERM the group, SIGKILL it after ``timeout`` unless it is gone. Idempotent."""
+        if not self._gone.done():
+            if not self._stopping:
+                self._stopping = True
+                _killpg(self.pid, signal.SIGTERM)
             try:
                 async with asyncio.timeout(timeout):
                     return await self.wait()
             except TimeoutError:
+                alive = "it" if self._proc.returncode is None else "what is left of its group"
                 log.warning(
-                    "%s (pid %d) ignored SIGTERM for %.1f s; sending SIGKILL",
+                    "%s (pid %d): %s ignored SIGTERM for %.1f s; sending SIGKILL",
                     self.spec.name,
                     self.pid,
+                    alive,
                     timeout,
                 )
-                _killpg(self.pid, signal.SIGKILL)
+                self._kill()
         return await self.wait()
+
+    def _kill(self) -> None:
+        _killpg(self.pid, signal.SIGKILL)
+        if self._killed_at is None:
+            self._killed_at = time.monotonic()
+
+    async def _watch(self) -> int:
+        code = await self._proc.wait()
+        log.debug("%s (pid %d) %s", self.spec.name, self.pid, describe_exit(code))
+        deadline = None
+        if not self._stopping and group_alive(self.pid):
+            log.warning(
+                "%s (pid %d) %s and left processes in its group: sending them SIGTERM",
+                self.spec.name,
+                self.pid,
+                describe_exit(code),
+            )
+            _killpg(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + LEFTOVER_GRACE
+        await self._until_group_gone(deadline)
+        # Not in a finally: a cxrd cancelled meanwhile leaves the group to the guard.
+        self._guard.forget(self.pid)
+        return code
+
+    async def _until_group_gone(self, deadline: float | None) -> None:
+        """Poll the group until it is empty: SIGKILL at ``deadline``, give up KILL_GRACE later."""
+        interval = _POLL_FIRST
+        while group_alive(self.pid):
+            now = time.monotonic()
+            if self._killed_at is None and deadline is not None and now >= deadline:
+                log.warning(
+                    "%s (pid %d): processes left in its group ignored SIGTERM for %.1f s; "
+                    "sending SIGKILL",
+                    self.spec.name,
+                    self.pid,
+                    LEFTOVER_GRACE,
+                )
+                self._kill()
+            elif self._killed_at is not None and now - self._killed_at >= KILL_GRACE:
+                log.warning(
+                    "%s (pid %d): processes %s of its group outlived SIGKILL by %.1f s; "
+                    "not waiting for them",
+                    self.spec.name,
+                    self.pid,
+                    group_members(self.pid),
+                    KILL_GRACE,
+                )
+                return
+            await asyncio.sleep(interval)
+            interval = min(2 * interval, _POLL_MAX)
 
 
 class ProcessLauncher:
@@ -185,6 +257,41 @@ async def read_ready_line(fd: int) -> None:
 def _killpg(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process other than a zombie is left in the process group ``pgid``.
+
+    killpg(0) alone counts zombies, and orphans stay zombies for good under a
+    PID 1 that does not reap (some containers): /proc settles it.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process in the group (a setuid helper)
+    try:
+        return bool(group_members(pgid))
+    except OSError:  # no /proc: trust killpg
+        return True
+
+
+def group_members(pgid: int) -> list[int]:
+    """The pids of the live (not zombie) processes in the process group ``pgid``."""
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            members.append(int(name))
+    return members
 
 
 def describe_exit(code: int | None) -> str:
