@@ -9,6 +9,7 @@ half-applied.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from cxrd import constants as C
-from cxrd.errors import InvalidConfig
-from cxrd.system.envfile import ENV_NAME
+from cxrd.errors import InvalidArgs, InvalidConfig
+from cxrd.system.envfile import ENV_NAME, check_env_value
+from cxrd.system.rundir import MAX_SOCKET_PATH
 
 BACKENDS = ("isaacteleop", "sim", "command")
 _T = typing.TypeVar("_T")
@@ -97,6 +99,12 @@ class Config:
     @property
     def certs_dir(self) -> Path:
         return self.install_path / C.CERTS_DIR
+
+
+def check_device_profile(profile: str) -> None:
+    """A profile is one word; the runtime sees it verbatim. InvalidArgs if not."""
+    if not profile or not profile.isprintable() or any(ch.isspace() for ch in profile):
+        raise InvalidArgs(f"device_profile {profile!r}: expected one word such as Quest3")
 
 
 def default_config_path() -> Path:
@@ -290,8 +298,16 @@ def _check_semantics(config: Config) -> None:
         )
     if rt.backend == "command" and not rt.command:
         raise InvalidConfig(f"{src}: runtime.command: required when runtime.backend = 'command'")
-    if not rt.device_profile:
-        raise InvalidConfig(f"{src}: runtime.device_profile: must not be empty")
+    try:
+        check_device_profile(rt.device_profile)
+    except InvalidArgs as exc:
+        raise InvalidConfig(f"{src}: runtime.{exc}") from None
+    for name, text in rt.env.items():
+        try:
+            check_env_value(name, text)
+        except ValueError as exc:
+            raise InvalidConfig(f"{src}: runtime.env.{exc}") from None
+    _check_sim(rt.sim, src)
     positive = {
         "runtime.startup_timeout": rt.startup_timeout,
         "runtime.stop_timeout": rt.stop_timeout,
@@ -315,5 +331,28 @@ def _check_semantics(config: Config) -> None:
     ):
         if not 0 < port < 65536:
             raise InvalidConfig(f"{src}: {key}: {port} is not a TCP port (1-65535)")
+    socket_path = os.fsencode(config.run_dir / C.IPC_SOCKET)
+    if len(socket_path) > MAX_SOCKET_PATH:
+        longest = MAX_SOCKET_PATH - (len(socket_path) - len(os.fsencode(config.install_path)))
+        raise InvalidConfig(
+            f"{src}: install_dir: {config.install_path} is too long: the runtime's socket "
+            f"{C.RUN_DIR}/{C.IPC_SOCKET} inside it would be {len(socket_path)} bytes, more "
+            f"than a Unix socket path may be ({MAX_SOCKET_PATH}); use an install_dir of at "
+            f"most {longest} bytes"
+        )
     if (config.proxy.cert is None) != (config.proxy.key is None):
         raise InvalidConfig(f"{src}: proxy.cert, proxy.key: give both or neither")
+
+
+def _check_sim(sim: SimConfig, src: str) -> None:
+    where = f"{src}: runtime.sim"
+    if not math.isfinite(sim.startup_delay) or sim.startup_delay < 0:
+        raise InvalidConfig(f"{where}.startup_delay: must be 0 or more, got {sim.startup_delay}")
+    if sim.exit_before_ready is not None and not 0 <= sim.exit_before_ready <= 255:
+        raise InvalidConfig(
+            f"{where}.exit_before_ready: an exit code is 0 to 255, got {sim.exit_before_ready}"
+        )
+    if sim.crash_after is not None and (not math.isfinite(sim.crash_after) or sim.crash_after <= 0):
+        raise InvalidConfig(f"{where}.crash_after: must be greater than 0, got {sim.crash_after}")
+    if sim.flood_stderr < 0:
+        raise InvalidConfig(f"{where}.flood_stderr: must be 0 or more, got {sim.flood_stderr}")

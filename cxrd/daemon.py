@@ -16,18 +16,19 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cxrd import __version__
 from cxrd.config import BACKENDS, Config, load_config
 from cxrd.core.supervisor import Supervisor
-from cxrd.dbus.connection import session_bus_address
-from cxrd.dbus.service import DBusService, serve_dbus
 from cxrd.errors import AlreadyServing, CxrdError, InvalidConfig, StartFailed
+from cxrd.system.host import SystemHost, SystemReadiness
 from cxrd.system.notify import SdNotifier
 from cxrd.system.process import ProcessLauncher
-from cxrd.system.readiness import wait_for_file
 from cxrd.system.rundir import InstallLock
+
+if TYPE_CHECKING:
+    from cxrd.dbus.service import DBusService
 
 log = logging.getLogger("cxrd")
 
@@ -132,13 +133,19 @@ async def run(config: Config, args: argparse.Namespace) -> int:
     notifier = SdNotifier()
     try:
         lock = InstallLock(config.run_dir)
-    except AlreadyServing as err:
-        # The run dir is another daemon's: record nothing there.
+    except CxrdError as err:
+        # The run dir is another daemon's, or unusable: record nothing there.
         log.error("%s", err)
         notifier.notify(f"STATUS=Not started: {err}")
         return err.exit_code
     launcher = ProcessLauncher()
-    supervisor = Supervisor(config, launcher=launcher, notifier=notifier, readiness=wait_for_file)
+    supervisor = Supervisor(
+        config,
+        launcher=launcher,
+        notifier=notifier,
+        readiness=SystemReadiness(),
+        host=SystemHost(),
+    )
     loop = asyncio.get_running_loop()
     background: set[asyncio.Task[Any]] = set()
 
@@ -147,6 +154,10 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         background.add(task)
         task.add_done_callback(background.discard)
 
+    controller = asyncio.create_task(supervisor.run(), name="cxrd-supervisor")
+    # The runtime first: the slow rest (D-Bus, the proxy's certificate) happens
+    # while it comes up.
+    spawn(_launch(supervisor))
     loop.add_signal_handler(signal.SIGTERM, supervisor.request_stop, "SIGTERM received")
     loop.add_signal_handler(signal.SIGINT, supervisor.request_stop, "SIGINT received")
     loop.add_signal_handler(signal.SIGHUP, lambda: spawn(_reload(supervisor, args)))
@@ -161,20 +172,21 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         try:
             service = await _serve_bus(supervisor)
         except AlreadyServing as err:
-            log.error("%s", err)
-            notifier.notify(f"STATUS=Not started: {err}")
-            return err.exit_code
+            supervisor.fail(err)
         except StartFailed as err:
             log.error("%s; running without D-Bus", err)
         if service is not None:
             spawn(_stop_when_bus_lost(supervisor, service))
-        spawn(_start(supervisor))
-        code = await supervisor.wait_stopped()
+        code = await controller
         log.info("cxrd exits with code %d", code)
         return code
     finally:
         for task in background:
             task.cancel()
+        if not controller.done():
+            supervisor.request_stop("the daemon is ending")
+            with contextlib.suppress(Exception):
+                await controller
         if service is not None:
             await service.close()
         launcher.close()
@@ -187,23 +199,17 @@ async def _stop_when_bus_lost(supervisor: Supervisor, service: DBusService) -> N
     supervisor.request_stop("the session bus connection was lost")
 
 
-async def _start(supervisor: Supervisor) -> None:
-    # A failed start ends in wait_stopped() with the error's exit code.
+async def _launch(supervisor: Supervisor) -> None:
+    # A failed start ends in run() with the error's exit code.
     with contextlib.suppress(CxrdError):
-        await supervisor.start()
+        await supervisor.launch()
 
 
 async def _reload(supervisor: Supervisor, args: argparse.Namespace) -> None:
     log.info("SIGHUP: re-reading the configuration")
-    try:
-        config = read_config(args)
-    except InvalidConfig as err:
-        log.error("reload refused, keeping the running configuration: %s", err)
-        return
-    try:
-        await supervisor.reload(config)
-    except CxrdError as err:
-        log.error("reload failed: %s", err)
+    # Applied or refused, the supervisor logs it and tells systemd (READY=1).
+    with contextlib.suppress(CxrdError):
+        await supervisor.reload(lambda: read_config(args))
 
 
 async def _watchdog(notifier: SdNotifier, interval: float) -> None:
@@ -213,6 +219,10 @@ async def _watchdog(notifier: SdNotifier, interval: float) -> None:
 
 
 async def _serve_bus(supervisor: Supervisor) -> DBusService | None:
+    # Imported here: dbus-fast loads while the runtime is already coming up.
+    from cxrd.dbus.connection import session_bus_address
+    from cxrd.dbus.service import serve_dbus
+
     address = session_bus_address()
     if address is None:
         log.warning("no session bus: running without D-Bus (cxrctl and clients cannot reach us)")

@@ -272,8 +272,10 @@ def test_stop_while_starting_fails_the_waiting_start(bus_daemon: BusDaemon) -> N
         stopper = await connect(bus_daemon.address)
         signals = await Signals.watch(stopper)
         await _wait_owner(stopper)
+        # The starter's uid is known before its Start: nothing holds the call back.
+        assert await get_property(starter, "State") == "starting"
         start = _task(call(starter, "Start", "a{sv}", [{}]))
-        assert await get_property(stopper, "State") == "starting"
+        assert await get_property(starter, "State") == "starting"  # after Start, in order
         await ok(stopper, "Stop")
         reply = await start
         assert reply.error_name == StartFailed.dbus_name(), reply.body

@@ -35,7 +35,7 @@ def test_the_lifecycle_paths_are_legal() -> None:
         (State.STOPPED, State.READY),
         (State.FAILED, State.STARTING),
         (State.READY, State.STARTING),
-        (State.STOPPED, State.FAILED),
+        (State.STOPPED, State.RESTARTING),
     ],
 )
 def test_illegal_transitions_are_rejected(old: State, new: State) -> None:

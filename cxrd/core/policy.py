@@ -34,3 +34,10 @@ class RestartPolicy:
     @property
     def recent_crashes(self) -> int:
         return len(self._crashes)
+
+    def reconfigure(self, max_restarts: int, window: float, initial: float, maximum: float) -> None:
+        """New limits from a reload; the crashes already counted stay counted."""
+        self.max_restarts = max_restarts
+        self.window = window
+        self.backoff_initial = initial
+        self.backoff_max = maximum

@@ -18,6 +18,7 @@ class RuntimeStatus:
     started_at: float = 0.0  # Unix time; 0: not running
     restarts: int = 0  # crashes restarted since the daemon started
     last_exit: str = ""  # "exited with code 1", "killed by SIGSEGV"; "" if none yet
+    state: str = ""  # the child's own state (ChildState): running, backoff, fatal, ...
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class ProxyStatus:
     url: str = ""  # wss://host:port/ ; "" when the proxy is disabled
     restarts: int = 0
     last_exit: str = ""
+    state: str = ""  # the proxy's own state: a proxy that gave up leaves the daemon ready
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ def snapshot_to_wire(snap: Snapshot) -> dict[str, Variant]:
         "started_at": Variant("d", float(snap.runtime.started_at)),
         "restarts": Variant("u", _u32(snap.runtime.restarts)),
         "last_exit": Variant("s", snap.runtime.last_exit),
+        "state": Variant("s", snap.runtime.state),
     }
     proxy = {
         "pid": Variant("u", _u32(snap.proxy.pid)),
@@ -88,6 +89,7 @@ def snapshot_to_wire(snap: Snapshot) -> dict[str, Variant]:
         "url": Variant("s", snap.proxy.url),
         "restarts": Variant("u", _u32(snap.proxy.restarts)),
         "last_exit": Variant("s", snap.proxy.last_exit),
+        "state": Variant("s", snap.proxy.state),
     }
     return {
         "state": Variant("s", str(snap.state)),
@@ -138,6 +140,7 @@ def snapshot_from_wire(data: Mapping[str, Any]) -> Snapshot:
             started_at=_get(runtime, "started_at", float, 0.0),
             restarts=_get(runtime, "restarts", int, 0),
             last_exit=_get(runtime, "last_exit", str, ""),
+            state=_get(runtime, "state", str, ""),
         ),
         proxy=ProxyStatus(
             pid=_get(proxy, "pid", int, 0),
@@ -145,6 +148,7 @@ def snapshot_from_wire(data: Mapping[str, Any]) -> Snapshot:
             url=_get(proxy, "url", str, ""),
             restarts=_get(proxy, "restarts", int, 0),
             last_exit=_get(proxy, "last_exit", str, ""),
+            state=_get(proxy, "state", str, ""),
         ),
         device_profile=_get(data, "device_profile", str, ""),
         environment=dict(_get(data, "environment", dict, {})),

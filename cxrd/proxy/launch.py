@@ -37,6 +37,10 @@ class ProxyLaunch:
     key: Path
     settings: ProxyConfig = field(default_factory=ProxyConfig)
 
+    @property
+    def stderr_log(self) -> Path:
+        return self.log_path.with_name(PROXY_STDERR_LOG)
+
     def spec(self, ready_fd: int) -> ChildSpec:
         """The proxy child: inherits the listener and ``ready_fd``, writes READY to it."""
         fd = self.listener.fileno()
@@ -74,7 +78,7 @@ class ProxyLaunch:
             name="proxy",
             argv=argv,
             env=dict(os.environ),
-            stderr=self.log_path.with_name(PROXY_STDERR_LOG),
+            stderr=self.stderr_log,
             pass_fds=(fd, ready_fd),
         )
 
@@ -83,8 +87,13 @@ class ProxyLaunch:
         self.listener.close()
 
 
-def prepare_proxy(config: Config) -> ProxyLaunch:
-    """Check or make the certificate, then bind the port; StartFailed names what is wrong."""
+def prepare_proxy(config: Config, keep: ProxyLaunch | None = None) -> ProxyLaunch:
+    """Check or make the certificate, then bind the port; StartFailed names what is wrong.
+
+    ``keep``'s listener is reused when the host and port are the same, so a
+    reload of other proxy settings loses no queued client. Blocking (key
+    generation, name lookups): call it off the event loop.
+    """
     settings = config.proxy
     if settings.cert is not None and settings.key is not None:
         cert = Path(settings.cert).expanduser().absolute()
@@ -97,7 +106,14 @@ def prepare_proxy(config: Config) -> ProxyLaunch:
         logs.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StartFailed(f"{logs}: cannot create the log directory: {exc.strerror}") from None
-    listener = bind_listener(settings.host, settings.port)
+    same_address = keep is not None and (keep.settings.host, keep.settings.port) == (
+        settings.host,
+        settings.port,
+    )
+    if keep is not None and same_address:
+        listener = keep.listener
+    else:
+        listener = bind_listener(settings.host, settings.port)
     port = int(listener.getsockname()[1])
     return ProxyLaunch(
         listener=listener,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cxrd import constants as C
 from cxrd.config import Config
-from cxrd.errors import InvalidArgs, InvalidConfig
+from cxrd.errors import InvalidConfig
 from cxrd.system.envfile import check_env_value
 from cxrd.system.process import ChildSpec
 from cxrd.system.rundir import ensure_run_dir
@@ -25,12 +25,6 @@ class RuntimeLaunch:
     environment: Mapping[str, str]
     stderr_log: Path
     logs_dir: Path  # NV_CXR_OUTPUT_DIR: where cxr_server.*.log appear
-
-
-def check_device_profile(profile: str) -> None:
-    """A profile given at Start() must be one word; the runtime sees it verbatim."""
-    if not profile or not profile.isprintable() or any(ch.isspace() for ch in profile):
-        raise InvalidArgs(f"device_profile {profile!r}: expected one word such as Quest3")
 
 
 def computed_env(install: Path) -> dict[str, str]:

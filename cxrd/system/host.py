@@ -1,0 +1,130 @@
+"""The real ports of the supervisor: processes' readiness, the run dir, the proxy's socket.
+
+``cxrd.core`` declares what it needs (``cxrd.core.ports``); this module is
+what the daemon passes in. Nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from cxrd import constants as C
+from cxrd.config import Config
+from cxrd.errors import AlreadyServing, CxrdError
+from cxrd.proxy.launch import ProxyLaunch, prepare_proxy
+from cxrd.runtimes import RuntimeLaunch, prepare_runtime
+from cxrd.system import rundir
+from cxrd.system.diagnosis import log_section, newest_log
+from cxrd.system.envfile import write_env_file
+from cxrd.system.process import read_ready_line
+from cxrd.system.readiness import wait_for_file
+
+
+class Pipe:
+    """A ready pipe: the child writes READY to ``write_fd``; we wait on the read end."""
+
+    def __init__(self) -> None:
+        self._read, self.write_fd = os.pipe()
+        self._write_open = True
+        self._read_open = True
+
+    def close_write(self) -> None:
+        if self._write_open:
+            self._write_open = False
+            os.close(self.write_fd)
+
+    async def wait(self) -> None:
+        self._read_open = False  # read_ready_line owns and closes it from here
+        await read_ready_line(self._read)
+
+    def close(self) -> None:
+        self.close_write()
+        if self._read_open:
+            self._read_open = False
+            os.close(self._read)
+
+
+class SystemReadiness:
+    async def file(self, path: Path) -> None:
+        await wait_for_file(path)
+
+    def pipe(self) -> Pipe:
+        return Pipe()
+
+
+class SystemHost:
+    """The install dir's files and the backends, as the supervisor's Host port."""
+
+    def prepare_runtime(self, config: Config, profile: str) -> RuntimeLaunch:
+        return prepare_runtime(config, device_profile=profile)
+
+    async def prepare_proxy(self, config: Config, keep: ProxyLaunch | None) -> ProxyLaunch:
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(None, prepare_proxy, config, keep)
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # The thread goes on; whatever it binds is closed when it ends.
+            work.add_done_callback(lambda done: _close_unwanted(done, keep))
+            raise
+
+    def claim_run_dir(self, run_dir: Path) -> list[str]:
+        holder = rundir.live_runtime_pid(run_dir)
+        if holder is not None:
+            who = f" (pid {holder})" if holder else ""
+            raise AlreadyServing(
+                f"a CloudXR runtime not started by this cxrd{who} already serves "
+                f"{run_dir / C.IPC_SOCKET}"
+            )
+        return rundir.remove_stale(run_dir)
+
+    def publish_environment(self, run_dir: Path, environment: Mapping[str, str]) -> None:
+        write_env_file(run_dir / C.ENV_FILE, environment)
+
+    def clear_run_files(self, run_dir: Path) -> None:
+        # A live runtime answering there now is not ours (ours is stopped): its files.
+        if rundir.live_runtime_pid(run_dir) is not None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / C.ENV_FILE).unlink()
+        rundir.remove_stale(run_dir)
+
+    def record_failure(self, run_dir: Path, error: CxrdError) -> None:
+        with contextlib.suppress(OSError, CxrdError):
+            rundir.write_last_error(run_dir, error.name, str(error), error.detail)
+
+    def clear_failure(self, run_dir: Path) -> None:
+        rundir.clear_last_error(run_dir)
+
+    def log_size(self, path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except OSError:
+            return 0
+
+    def runtime_diagnosis(self, launch: RuntimeLaunch, since: float, offset: int) -> str:
+        server = newest_log(launch.logs_dir, C.SERVER_LOG_GLOB, since=since)
+        sections = [
+            log_section(launch.stderr_log, start=offset),
+            log_section(server, max_lines=10) if server else "",
+        ]
+        return "\n".join(s for s in sections if s)
+
+    def server_log(self, launch: RuntimeLaunch, since: float) -> str:
+        server = newest_log(launch.logs_dir, C.SERVER_LOG_GLOB, since=since)
+        return str(server) if server else ""
+
+    def proxy_diagnosis(self, launch: ProxyLaunch) -> str:
+        return log_section(launch.stderr_log, max_lines=10)
+
+
+def _close_unwanted(done: asyncio.Future[ProxyLaunch], keep: ProxyLaunch | None) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return
+    launch = done.result()
+    if keep is None or launch.listener is not keep.listener:
+        launch.close()
