@@ -142,6 +142,7 @@ class Operation:
     restart_runtime: bool = False
     restart_proxy: bool = False
     summary: str = ""
+    proxy_restarting: bool = False  # a proxy-only reload waits for the new proxy
     prep: asyncio.Task[None] | None = None
 
     @property

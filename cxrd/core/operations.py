@@ -165,6 +165,7 @@ class Operations(Runner):
             self._swap_proxy_launch(op)
             self._begin_run(f"reload: {op.summary}", stop=stop)
         elif op.restart_proxy:
+            op.proxy_restarting = True
             self._swap_proxy_launch(op)
             self._stop_child(self._proxy, After.START if self._config.proxy.enabled else After.STAY)
             self._settle_proxy_reload()
@@ -191,7 +192,7 @@ class Operations(Runner):
     def _settle_proxy_reload(self) -> None:
         """A proxy-only reload is done once the proxy has tried its new settings."""
         op = self._op
-        if op is None or op.kind is not Kind.RELOAD or op.restart_runtime:
+        if op is None or not op.proxy_restarting:
             return
         px = self._proxy
         settled = px.state in (ChildState.RUNNING, ChildState.BACKOFF, ChildState.FATAL) or (

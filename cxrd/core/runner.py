@@ -21,7 +21,7 @@ from cxrd.core import commands as M
 from cxrd.core.children import After, Child
 from cxrd.core.ports import ChildHandle, Clock, Host, Launcher, Readiness
 from cxrd.core.states import ChildState, Phase
-from cxrd.errors import CxrdError, GaveUp, StartFailed, Timeout
+from cxrd.errors import Busy, CxrdError, GaveUp, StartFailed, Timeout
 from cxrd.proxy.launch import ProxyLaunch
 from cxrd.runtimes import RuntimeLaunch
 from cxrd.system.diagnosis import as_verb, headline
@@ -42,6 +42,13 @@ class _Recipe:
 
 def _nothing() -> None:
     pass
+
+
+def _too_late(msg: M.Message) -> None:
+    """A request that arrives once the daemon is ending: answered, never lost."""
+    reply = getattr(msg, "reply", None)
+    if reply is not None and not reply.done():
+        reply.set_exception(Busy("the daemon has stopped; start it again"))
 
 
 class Runner:
@@ -101,6 +108,9 @@ class Runner:
     # ---- the loop ------------------------------------------------------------
 
     def _post(self, msg: M.Message) -> None:
+        if self._exit is not None and self._exit.done():
+            _too_late(msg)  # the loop has ended: nobody would ever handle it
+            return
         self._inbox.put_nowait(msg)
 
     def _exit_future(self) -> asyncio.Future[int]:
@@ -124,8 +134,13 @@ class Runner:
                 except Exception as exc:
                     log.exception("internal error while handling %s", type(msg).__name__)
                     self._fail(CxrdError(f"internal error: {exc!r}"))
-                    self._publish()
+                    try:
+                        self._publish()
+                    except Exception:
+                        log.exception("internal error while announcing it")
         finally:
+            while not self._inbox.empty():
+                _too_late(self._inbox.get_nowait())
             for child in (self._runtime, self._proxy):
                 child.cancel_backoff()
                 for task in list(child.tasks):
@@ -153,7 +168,7 @@ class Runner:
             self._on_exited(child, msg.code)
         elif isinstance(msg, M.BackoffOver) and child.state is ChildState.BACKOFF:
             child.backoff = None
-            self._start_child(child, in_run=False, why="backoff over")
+            self._start_child(child, in_run=child.in_run, why="backoff over")
         if child is self._proxy:
             self._settle_proxy_reload()
 

@@ -58,12 +58,15 @@ _DAEMON: dict[State, frozenset[State]] = {
     # STOPPED -> STARTING (the first start) | FAILED (it could not even begin: no EULA, ...)
     State.STOPPED: frozenset({State.STARTING, State.FAILED}),
     # STARTING -> READY | STOPPING (Stop, or a Restart stops what was starting) | FAILED
-    State.STARTING: frozenset({State.READY, State.STOPPING, State.FAILED}),
+    #   | STOPPED (a Stop before anything was spawned)
+    State.STARTING: frozenset({State.READY, State.STOPPING, State.FAILED, State.STOPPED}),
     # READY -> RESTARTING (the runtime crashed) | STOPPING (Stop, Restart, Reload) | FAILED
     State.READY: frozenset({State.RESTARTING, State.STOPPING, State.FAILED}),
     # RESTARTING -> READY | STOPPING | STARTING (Restart/Reload with nothing left to stop)
-    #   | FAILED (gave up)
-    State.RESTARTING: frozenset({State.READY, State.STOPPING, State.STARTING, State.FAILED}),
+    #   | FAILED (gave up) | STOPPED (a Stop during a backoff, with nothing else running)
+    State.RESTARTING: frozenset(
+        {State.READY, State.STOPPING, State.STARTING, State.FAILED, State.STOPPED}
+    ),
     # STOPPING -> STOPPED (the end) | STARTING (Restart/Reload: the same daemon starts again)
     State.STOPPING: frozenset({State.STOPPED, State.STARTING}),
     # STOPPED after a stop and FAILED are the end: the daemon exits.

@@ -1,0 +1,208 @@
+"""Model-based test of the supervisor: random interleavings through its fake ports.
+
+Rules: start (no profile, a good one, a malformed one), stop, restart (good and
+malformed profiles), reload (each kind of change, valid and invalid), runtime
+and proxy crashes and readiness, a runtime that ignores SIGTERM (slow stop),
+time passing (backoffs end, starts time out), lease acquire and release.
+After every step: at most one live runtime and one live proxy, every live
+process tracked by the supervisor, at most one open listener per proxy launch,
+restart counts only grow, and the public state agrees with the children.
+At the end a stop is latched and must end in ``stopped`` with no process and
+no listener, within stop_timeout plus a second, every caller answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fakes import STARTUP_TIMEOUT, STOP_TIMEOUT, Harness, base_config
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from cxrd.config import Config
+from cxrd.core.states import ChildState, State
+from cxrd.errors import CxrdError, InvalidConfig
+
+PROFILES = st.sampled_from(["Quest3", "AppleVisionPro", "auto-webrtc"])
+BAD_PROFILES = st.sampled_from(["Quest 3", "", "a\tb"])
+LIVE = (ChildState.STARTING, ChildState.RUNNING, ChildState.STOPPING)
+
+
+def reload_kinds(base: Config) -> dict[str, Config | CxrdError]:
+    rt, px = base.runtime, base.proxy
+    return {
+        "nothing": base,
+        "runtime_env": replace(base, runtime=replace(rt, env={"CHANGED": "1"})),
+        "profile": replace(base, runtime=replace(rt, device_profile="auto-native")),
+        "proxy_key": replace(base, proxy=replace(px, max_connections=9)),
+        "proxy_port": replace(base, proxy=replace(px, port=50002)),
+        "proxy_taken_port": replace(base, proxy=replace(px, port=50009)),
+        "proxy_off": replace(base, proxy=replace(px, enabled=False)),
+        "restart_limits": replace(base, restart=replace(base.restart, max_restarts=4)),
+        "invalid_file": InvalidConfig("cxrd.toml: runtime.env.X: value contains a line break"),
+    }
+
+
+class SupervisorMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = tempfile.TemporaryDirectory()
+        self.base = base_config(Path(self.tmp.name))
+        self.h = Harness(self.base)
+        self.h.world.taken_ports.add(50009)
+        self.kinds = reload_kinds(self.base)
+        self.calls: list[asyncio.Task[Any]] = []
+        self.restarts = (0, 0)
+        self.leases: list[str] = []
+        self.violations: list[str] = []
+        self.calls.append(self.h.call(self.h.sup.launch))
+
+    # ---- requests ----
+
+    def _ask(self, make: Any) -> None:
+        task = self.h.call(make)
+        task.add_done_callback(self._check_answer)
+        self.calls.append(task)
+
+    def _check_answer(self, task: asyncio.Task[Any]) -> None:
+        """A Start answered with success is answered with a runtime there."""
+        if task.cancelled() or task.exception() is not None:
+            return
+        sup = self.h.sup
+        if getattr(task, "is_start", False) and sup._runtime.state is not ChildState.RUNNING:
+            self.violations.append(f"Start answered with the runtime {sup._runtime.state}")
+
+    @rule(profile=st.none() | PROFILES)
+    def start(self, profile: str | None) -> None:
+        task = self.h.loop.create_task(self.h.sup.start(device_profile=profile))
+        task.is_start = True  # type: ignore[attr-defined]
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        task.add_done_callback(self._check_answer)
+        self.calls.append(task)
+        self.h.settle()
+
+    @rule(profile=BAD_PROFILES)
+    def start_malformed(self, profile: str) -> None:
+        self._ask(lambda: self.h.sup.start(device_profile=profile))
+
+    @rule(profile=st.none() | PROFILES | BAD_PROFILES)
+    def restart(self, profile: str | None) -> None:
+        self._ask(lambda: self.h.sup.restart(device_profile=profile))
+
+    @rule(kind=st.sampled_from(sorted(reload_kinds(base_config(Path("/"))))))
+    def reload(self, kind: str) -> None:
+        self.calls.append(self.h.reload_with(self.kinds[kind]))
+
+    @rule()
+    def acquire(self) -> None:
+        self.leases.append(self.h.sup.acquire(":1.9", 9, "model"))
+
+    @precondition(lambda self: bool(self.leases))
+    @rule()
+    def release(self) -> None:
+        self.h.sup.release(self.leases.pop())
+
+    @rule()
+    def stop(self) -> None:
+        self.h.sup.request_stop("model stop")
+        self.h.settle()
+
+    # ---- the children ----
+
+    @rule(name=st.sampled_from(["runtime", "proxy"]))
+    def ready(self, name: str) -> None:
+        self.h.ready(name)
+
+    @rule(name=st.sampled_from(["runtime", "proxy"]), code=st.sampled_from([1, -11, 0]))
+    def crash(self, name: str, code: int) -> None:
+        self.h.crash(name, code)
+
+    @rule()
+    def slow_stopper(self) -> None:
+        child = self.h.world.latest("runtime")
+        if child is not None:
+            child.ignores_sigterm = True
+
+    @rule(seconds=st.sampled_from([0.02, STOP_TIMEOUT + 0.02, STARTUP_TIMEOUT + 0.05]))
+    def time_passes(self, seconds: float) -> None:
+        self.h.settle(seconds)
+
+    # ---- invariants ----
+
+    @invariant()
+    def one_of_each_and_all_tracked(self) -> None:
+        sup, world = self.h.sup, self.h.world
+        for name, child in (("runtime", sup._runtime), ("proxy", sup._proxy)):
+            alive = world.alive(name)
+            assert len(alive) <= 1, f"{len(alive)} live {name}s"
+            if alive:
+                assert child.handle is alive[0], f"a live {name} the supervisor does not track"
+                assert child.state in LIVE, (name, child.state)
+
+    @invariant()
+    def start_answers_only_with_a_runtime(self) -> None:
+        assert self.violations == []
+
+    @invariant()
+    def no_internal_error(self) -> None:
+        failure = self.h.sup._failure
+        assert failure is None or "internal error" not in str(failure), failure
+
+    @invariant()
+    def listeners_are_not_leaked(self) -> None:
+        assert len(self.h.world.listeners) <= 2, self.h.world.listeners
+
+    @invariant()
+    def restart_counts_only_grow(self) -> None:
+        snap = self.h.sup.snapshot()
+        now = (snap.runtime.restarts, snap.proxy.restarts)
+        assert now[0] >= self.restarts[0] and now[1] >= self.restarts[1]
+        self.restarts = now
+
+    @invariant()
+    def public_state_agrees_with_the_children(self) -> None:
+        sup = self.h.sup
+        state, runtime = sup.state, sup._runtime.state
+        if state is State.READY:
+            assert runtime is ChildState.RUNNING and self.h.world.alive("runtime")
+            assert sup.snapshot().runtime.pid == self.h.world.alive("runtime")[0].pid
+        if state is State.RESTARTING:
+            assert runtime is not ChildState.RUNNING
+        if state is State.STOPPED and sup._launched:
+            assert self.h.world.live == []
+
+    def teardown(self) -> None:
+        try:
+            began = time.monotonic()
+            self.h.sup.request_stop("the model ends")
+            code = self.h.run(self.h.sup.wait_stopped(), timeout=STOP_TIMEOUT + 1 + 1)
+            took = time.monotonic() - began
+            self.h.settle()
+            world, sup = self.h.world, self.h.sup
+            assert world.live == [], world.live
+            assert world.listeners == [], world.listeners
+            if sup._failure is None:
+                assert code == 0 and sup.state is State.STOPPED, (code, sup.state)
+                assert took < STOP_TIMEOUT + 1
+            else:
+                assert code == sup._failure.exit_code and sup.state is State.FAILED
+            unanswered = [t for t in self.calls if not t.done()]
+            assert unanswered == [], f"{len(unanswered)} callers never answered"
+        finally:
+            self.h.close()
+            self.tmp.cleanup()
+
+
+SupervisorMachine.TestCase.settings = settings(
+    max_examples=100,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_supervisor_model = SupervisorMachine.TestCase
