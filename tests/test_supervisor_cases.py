@@ -89,7 +89,7 @@ def test_a_reload_to_a_taken_port_is_refused_and_touches_nothing(h: Harness) -> 
     h.world.taken_ports.add(50001)
     moved = replace(h.config, proxy=replace(h.config.proxy, port=50001))
     reload = h.reload_with(moved)
-    with pytest.raises(StartFailed, match="port 50001 .* taken by pid 4242"):
+    with pytest.raises(StartFailed, match=r"port 50001 .* taken by pid 4242"):
         reload.result()
     assert pids(h) == before and h.sup.state is State.READY
     assert "READY=1" in h.world.notified[-2:]
