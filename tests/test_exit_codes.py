@@ -1,4 +1,4 @@
-"""Every code the daemon can end with is documented, and the unit does not retry those it must not."""
+"""Every code the daemon can end with is documented; the unit never retries one it must not."""
 
 from __future__ import annotations
 
