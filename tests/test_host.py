@@ -1,8 +1,9 @@
-"""The supervisor's real host port: the proxy's slow preparation runs off the loop and leaks nothing."""
+"""The real host port: the proxy's slow preparation runs off the loop and leaks nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ def test_key_generation_leaves_the_event_loop_free(tmp_path: Path) -> None:
         launch = await SystemHost().prepare_proxy(config(tmp_path, port), keep=None)
         tick.cancel()
         launch.close()
-        return max(b - a for a, b in zip(ticks, ticks[1:], strict=False))
+        return max(b - a for a, b in itertools.pairwise(ticks))
 
     longest_gap = asyncio.run(scenario())
     assert (tmp_path / "certs" / "server.key").exists()
