@@ -263,16 +263,21 @@ class Supervisor(Operations):
         elif isinstance(msg, M.Prepared):
             self._on_prepared(msg)
 
-    def _on_start(self, msg: M.StartRequest) -> None:
-        if (refused := self._refusal()) is not None:
-            answer(msg.reply, refused)
-            return
-        if msg.profile is not None:
+    def _refused(self, reply: M.Reply, profile: str | None) -> bool:
+        """Answer a request that cannot be served (ending, failed, malformed profile)."""
+        refused = self._refusal()
+        if refused is None and profile is not None:
             try:
-                check_device_profile(msg.profile)
+                check_device_profile(profile)
             except CxrdError as err:
-                answer(msg.reply, err)
-                return
+                refused = err
+        if refused is not None:
+            answer(reply, refused)
+        return refused is not None
+
+    def _on_start(self, msg: M.StartRequest) -> None:
+        if self._refused(msg.reply, msg.profile):
+            return
         target = self._target_profile()
         if not self._launched and self._op is None:
             self._enqueue(Operation(Kind.LAUNCH, msg.profile or target))
@@ -306,15 +311,8 @@ class Supervisor(Operations):
         self._answer_start_waiters()
 
     def _on_restart(self, msg: M.RestartRequest) -> None:
-        if (refused := self._refusal()) is not None:
-            answer(msg.reply, refused)
+        if self._refused(msg.reply, msg.profile):
             return
-        if msg.profile is not None:
-            try:
-                check_device_profile(msg.profile)
-            except CxrdError as err:
-                answer(msg.reply, err)
-                return
         self._claimed = True
         self._enqueue(Operation(Kind.RESTART, msg.profile or self._target_profile(), [msg.reply]))
 
