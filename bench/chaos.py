@@ -49,20 +49,18 @@ import hashlib
 import json
 import os
 import random
-import select
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchlib import free_port, private_bus
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
@@ -73,7 +71,6 @@ RSS_GROWTH_MAX_KIB = 20 * 1024
 MAX_OPS = 10_000
 MAX_IN_FLIGHT = 16
 CONNECTIONS = 3
-RESERVED_PORTS = frozenset({48322, 49100})
 
 STARTUP_DELAY = 0.1
 STARTUP_TIMEOUT = 10.0
@@ -105,20 +102,6 @@ BAD_RELOADS = (
     "profile_space",  # runtime.device_profile = "Quest 3"
     "sim_negative",  # runtime.sim.startup_delay = -1
 )
-
-_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:dir={dir}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"""
 
 
 @dataclass(frozen=True)
@@ -159,48 +142,6 @@ def plan(seed: int, seconds: float, rate: float, without: Iterable[str] = ()) ->
 def plan_digest(ops: list[Op]) -> str:
     text = "\n".join(f"{o.at}|{o.kind}|{o.arg}|{o.conn}" for o in ops)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in RESERVED_PORTS:
-            return port
-
-
-@contextlib.contextmanager
-def private_bus(workdir: Path, timeout: float = 10.0) -> Iterator[str]:
-    """A throwaway ``dbus-daemon`` for the command-line run; yields its address."""
-    if shutil.which("dbus-daemon") is None:
-        raise SystemExit("dbus-daemon is not installed")
-    sock_dir = Path(tempfile.mkdtemp(prefix="cxrd-chaos-bus-"))
-    config = workdir / "bus.conf"
-    config.write_text(_BUS_CONFIG.format(dir=sock_dir))
-    proc = subprocess.Popen(
-        ["dbus-daemon", f"--config-file={config}", "--print-address", "--nofork"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        address = proc.stdout.readline().decode().strip() if ready else ""
-        if not address:
-            raise SystemExit(f"dbus-daemon printed no address within {timeout:g} s")
-        yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 @dataclass

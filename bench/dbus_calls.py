@@ -21,9 +21,7 @@ import asyncio
 import json
 import os
 import platform
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import free_port, private_bus
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
@@ -38,29 +37,8 @@ from cxrd.client import AsyncCloudXRClient
 from cxrd.constants import BUS_NAME, INTERFACE, OBJECT_PATH
 from cxrd.dbus.connection import tolerate_full_socket
 
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:dir={dir}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"""
-
-
 ROUNDS = 3
 SETTLE = 1.0  # seconds
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def status_message(member: str = "Status", interface: str = INTERFACE) -> Message:
@@ -142,23 +120,6 @@ async def concurrent(address: str, calls: int, clients: int) -> dict[str, float]
     return {"clients": clients, "calls_per_s": round(per_client * clients / total)}
 
 
-def start_bus(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    sock_dir = tmp / "bus"
-    sock_dir.mkdir()
-    config = tmp / "bus.conf"
-    config.write_text(BUS_CONFIG.format(dir=sock_dir))
-    proc = subprocess.Popen(
-        ["dbus-daemon", f"--config-file={config}", "--print-address", "--nofork"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    assert proc.stdout is not None
-    address = proc.stdout.readline().decode().strip()
-    if not address:
-        raise SystemExit("dbus-daemon did not start")
-    return proc, address
-
-
 def start_cxrd(tmp: Path, address: str) -> subprocess.Popen[bytes]:
     config = tmp / "cxrd.toml"
     config.write_text(
@@ -200,11 +161,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=5000)
     args = parser.parse_args()
-    if shutil.which("dbus-daemon") is None:
-        raise SystemExit("dbus-daemon is not installed")
-    with tempfile.TemporaryDirectory(prefix="cxrd-bench-") as name:
+    with (
+        tempfile.TemporaryDirectory(prefix="cxrd-bench-") as name,
+        private_bus(Path(name)) as address,
+    ):
         tmp = Path(name)
-        bus, address = start_bus(tmp)
         daemon = start_cxrd(tmp, address)
         try:
             results = asyncio.run(measure(address, args.calls))
@@ -215,10 +176,6 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 daemon.kill()
                 daemon.wait()
-            bus.terminate()
-            bus.wait(timeout=20)
-            if bus.stdout is not None:
-                bus.stdout.close()
     seq = results["status_sequential"]
     results["targets"] = {
         "p50_under_300_us": seq["p50_us"] < 300,

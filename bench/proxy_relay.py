@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -30,14 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import free_port
+
 HERE = Path(__file__).resolve()
 CLIENT_COUNTS = (1, 8)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # Roles run in child processes --------------------------------------------------

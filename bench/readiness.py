@@ -64,13 +64,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import free_port
 from chaos import processes_of
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def one_run(

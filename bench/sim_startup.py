@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,13 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import free_port
+
 from cxrd.system.readiness import wait_for_file
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def summary(values: list[float]) -> dict[str, float]:

@@ -19,6 +19,7 @@ from fixtures_dbus import BusDaemon
 from support import TIMEOUT, wait_until
 
 from cxrd import errors
+from cxrd.client import CloudXRClient
 
 
 def ready(msg: dict[str, str]) -> bool:
@@ -341,3 +342,40 @@ def test_losing_the_session_bus_stops_the_daemon_cleanly(ready_daemon: BusDaemon
     ready_daemon.bus.proc.terminate()
     assert proc.wait(timeout=TIMEOUT) == 0
     assert "the session bus connection was lost" in ready_daemon.denv.daemon_log()
+
+
+def test_a_reload_that_would_fail_later_is_refused_and_keeps_the_children(
+    daemon_env: DaemonEnv, notify: NotifySocket
+) -> None:
+    proc = daemon_env.start()
+    notify.wait_for(ready)
+    before = (started_pids(daemon_env, "runtime"), started_pids(daemon_env, "proxy"))
+    daemon_env.write_config(runtime='env = { NOTE = "two\\nlines" }')
+    proc.send_signal(signal.SIGHUP)
+    refused = notify.wait_for(lambda m: ready(m) and "reload refused" in m.get("STATUS", ""))
+    assert "runtime.env.NOTE" in refused["STATUS"] and "line break" in refused["STATUS"]
+    assert (started_pids(daemon_env, "runtime"), started_pids(daemon_env, "proxy")) == before
+    assert all(pid_alive(pid) for pids in before for pid in pids)
+    assert proc.poll() is None, "a refused reload never ends the daemon"
+
+
+def test_sigterm_during_a_restart_wins_and_exits_0_in_time(bus_daemon: BusDaemon) -> None:
+    # A runtime that ignores SIGTERM holds the restart in its stopping phase.
+    bus_daemon.configure(ignore_sigterm=True, stop_timeout=1.0)
+    bus_daemon.start()
+    with CloudXRClient(bus_daemon.address) as client:
+        runtime = client.status().runtime.pid
+        restart = subprocess.Popen(
+            [sys.executable, "-m", "cxrd.cli", "restart"],
+            env=bus_daemon.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: client.status().state == "stopping", what="the restart's stop")
+    began = time.monotonic()
+    bus_daemon.proc.send_signal(signal.SIGTERM)
+    assert bus_daemon.proc.wait(timeout=TIMEOUT) == 0
+    assert time.monotonic() - began < 1.0 + 1.0 + 0.5  # stop_timeout plus a second (+ slack)
+    assert restart.wait(timeout=TIMEOUT) != 0, "the interrupted restart was not reported ready"
+    assert group_members(runtime) == [], "the runtime group is gone"
+    assert started_pids(bus_daemon.denv, "runtime") == [runtime], "nothing started after"
