@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pytest
 from fixtures_dbus import BusDaemon
-from support import TIMEOUT
+from support import TIMEOUT, wait_until
 
+from cxrd.client import CloudXRClient
 from cxrd.errors import EulaNotAccepted, StartFailed, Timeout
 
 
@@ -245,3 +247,25 @@ def test_install_then_uninstall_for_this_user(
     removed = cxrctl(bus_daemon, "uninstall", *where, env=env)
     assert removed.returncode == 0, removed.stderr
     assert not unit.exists() and f"removed {unit}" in removed.stdout
+
+
+def test_status_says_when_the_proxy_gave_up_while_the_runtime_serves_on(
+    bus_daemon: BusDaemon,
+) -> None:
+    bus_daemon.configure()
+    config = bus_daemon.denv.config_path
+    config.write_text(config.read_text().replace("[restart]\n", "[restart]\nmax_restarts = 1\n"))
+    bus_daemon.start()
+    with CloudXRClient(bus_daemon.address) as client:
+        runtime = client.status().runtime.pid
+        for _ in range(2):  # one restart allowed: the second crash gives up
+            wait_until(lambda: client.status().proxy.pid != 0, what="a proxy")
+            killed = client.status().proxy.pid
+            os.kill(killed, signal.SIGKILL)
+            wait_until(lambda k=killed: client.status().proxy.pid != k, what="the proxy to go")
+        wait_until(lambda: client.status().proxy.state == "fatal", what="the proxy to give up")
+    result = cxrctl(bus_daemon, "status")
+    assert result.returncode == 0, result.stdout  # ready: the runtime serves on
+    assert "down: crashed too often, gave up" in result.stdout
+    assert f"pid {runtime}" in result.stdout
+    assert "the runtime keeps running without it" in result.stdout

@@ -93,12 +93,15 @@ def _print_status(snap: Snapshot, as_json: bool) -> None:
         up = time.time() - snap.runtime.started_at if snap.runtime.started_at else 0.0
         rows.append(("Runtime", f"pid {snap.runtime.pid}, up {_duration(up)}"))
     else:
-        rows.append(("Runtime", "not running"))
+        rows.append(("Runtime", _child_down(snap.runtime.state)))
     rows.append(("Restarts", str(snap.runtime.restarts)))
     if snap.runtime.last_exit:
         rows.append(("Last exit", snap.runtime.last_exit))
     if snap.proxy.url or snap.proxy.pid:
-        rows.append(("Proxy", f"{snap.proxy.url or '-'} (pid {snap.proxy.pid or '-'})"))
+        pid = f"pid {snap.proxy.pid}" if snap.proxy.pid else _child_down(snap.proxy.state)
+        rows.append(("Proxy", f"{snap.proxy.url or '-'} ({pid})"))
+        if snap.proxy.restarts:
+            rows.append(("Proxy restarts", str(snap.proxy.restarts)))
     rows.append(("Profile", snap.device_profile))
     rows.append(("Env file", snap.env_file))
     rows.append(("Install dir", snap.install_dir))
@@ -111,6 +114,16 @@ def _print_status(snap: Snapshot, as_json: bool) -> None:
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         out.line(f"  {label.rjust(width)}: {value}")
+
+
+def _child_down(state: str) -> str:
+    """Words for a child with no process: why it has none."""
+    return {
+        "backoff": "restarting after a crash",
+        "fatal": "down: crashed too often, gave up",
+        "starting": "starting",
+        "stopping": "stopping",
+    }.get(state, "not running")
 
 
 def _snapshot_json(snap: Snapshot) -> dict[str, Any]:
