@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 from fakes import STARTUP_TIMEOUT, STOP_TIMEOUT, Harness, base_config
 
+from cxrd.config import Config
 from cxrd.core.states import ChildState, State
 from cxrd.errors import (
+    AlreadyServing,
     Busy,
     GaveUp,
     InvalidArgs,
@@ -19,6 +22,7 @@ from cxrd.errors import (
     ProfileMismatch,
     StartFailed,
 )
+from cxrd.runtimes import RuntimeLaunch
 
 
 @pytest.fixture
@@ -254,3 +258,22 @@ def test_a_start_after_a_stop_is_busy_and_stop_is_idempotent(h: Harness) -> None
     with pytest.raises(Busy):
         start.result()
     assert h.stop_and_wait() == 0 and h.world.live == []
+
+
+def test_a_failure_queued_right_behind_the_first_start_ends_it_cleanly(h: Harness) -> None:
+    # The daemon finds its bus name taken just as the first start is prepared: the
+    # start's workers exist but have not run once when the failure is handled.
+    prepare = h.sup._host.prepare_runtime
+
+    def prepare_then_fail(config: Config, profile: str) -> RuntimeLaunch:
+        launch = prepare(config, profile)
+        taken = AlreadyServing("io.github.cxrd.Daemon1 is already served on this bus")
+        asyncio.get_running_loop().call_soon(h.sup.fail, taken)  # right behind Prepared
+        return launch
+
+    h.sup._host.prepare_runtime = prepare_then_fail  # type: ignore[method-assign]
+    launch = h.call(h.sup.launch)
+    code = h.run(h.sup.wait_stopped(), timeout=STOP_TIMEOUT + 1)
+    assert code == AlreadyServing.exit_code
+    assert h.sup.state is State.FAILED and h.world.live == []
+    assert isinstance(launch.exception(), AlreadyServing)

@@ -43,6 +43,8 @@ class Child:
     # The start worker is inside Launcher.spawn(): not to be cancelled there,
     # or a process could exist that nobody tracks.
     spawning: bool = False
+    # The last gen whose worker reported Spawned or SpawnFailed: exactly one each.
+    reported: int = 0
     worker: asyncio.Task[None] | None = None
     backoff: asyncio.TimerHandle | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)

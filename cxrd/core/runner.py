@@ -186,15 +186,20 @@ class Runner:
         child.handle = None
         child.set(ChildState.STARTING, why)
         child.worker = asyncio.create_task(self._start_worker(child, child.gen))
+        child.worker.add_done_callback(lambda task, gen=child.gen: self._worker_ended(child, gen))
         child.own(child.worker)
+
+    def _worker_ended(self, child: Child, gen: int) -> None:
+        """A worker cancelled before it spawned (perhaps before it ever ran) says so."""
+        if child.reported < gen:
+            child.reported = gen
+            self._post(M.SpawnFailed(child, gen, None))
 
     async def _start_worker(self, child: Child, gen: int) -> None:
         try:
             recipe = await self._recipe(child)
-        except asyncio.CancelledError:
-            self._post(M.SpawnFailed(child, gen, None))
-            raise
         except CxrdError as err:
+            child.reported = gen
             self._post(M.SpawnFailed(child, gen, err))
             return
         child.spawning = True
@@ -202,11 +207,13 @@ class Runner:
             handle = await self._launcher.spawn(recipe.spec)
         except CxrdError as err:
             recipe.discard()
+            child.reported = gen
             self._post(M.SpawnFailed(child, gen, err))
             return
         finally:
             child.spawning = False
             recipe.spawned()
+        child.reported = gen
         self._post(M.Spawned(child, gen, handle))
         try:
             async with asyncio.timeout(self._config.runtime.startup_timeout):
