@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -186,10 +187,10 @@ class Runner:
         child.handle = None
         child.set(ChildState.STARTING, why)
         child.worker = asyncio.create_task(self._start_worker(child, child.gen))
-        child.worker.add_done_callback(lambda task, gen=child.gen: self._worker_ended(child, gen))
+        child.worker.add_done_callback(functools.partial(self._worker_ended, child, child.gen))
         child.own(child.worker)
 
-    def _worker_ended(self, child: Child, gen: int) -> None:
+    def _worker_ended(self, child: Child, gen: int, _task: asyncio.Task[None]) -> None:
         """A worker cancelled before it spawned (perhaps before it ever ran) says so."""
         if child.reported < gen:
             child.reported = gen
