@@ -190,7 +190,7 @@ def isaacteleop_service(delay: float, timeout: float = 60.0) -> tuple[float, flo
             PYTHONPATH=_pythonpath(SHIM),
             PROXY_PORT=str(proxy_port),  # never 48322
             CXRD_SIM_STARTUP_DELAY=repr(delay),
-            CXRD_SIM_SIGNALING_PORT=str(free_port()),  # never 49100
+            NV_CXR_SERVER_PORT=str(free_port()),  # never 49100
         )
         cli = [sys.executable, "-m", "isaacteleop.cloudxr.service"]
         where = ["--cloudxr-install-dir", str(install)]

@@ -49,7 +49,7 @@ async def one_run(tmp: Path) -> tuple[float, float]:
         NV_CXR_OUTPUT_DIR=str(install / "logs"),
         CXR_INSTALL_DIR=str(install),
         CXRD_SIM_STARTUP_DELAY="0",
-        CXRD_SIM_SIGNALING_PORT=str(free_port()),
+        NV_CXR_SERVER_PORT=str(free_port()),
     )
     sentinel = wait_for_file(run_dir / "runtime_started")
     waiter = asyncio.ensure_future(sentinel)

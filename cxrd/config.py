@@ -9,6 +9,7 @@ half-applied.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import tomllib
@@ -21,10 +22,20 @@ from typing import Any
 
 from cxrd import constants as C
 from cxrd.errors import InvalidArgs, InvalidConfig
+from cxrd.instances import Instance
 from cxrd.system.envfile import ENV_NAME, check_env_value
 from cxrd.system.rundir import MAX_SOCKET_PATH
 
 BACKENDS = ("isaacteleop", "sim", "command")
+# Not settings: where the config came from and which instance it is for.
+_PROVENANCE = ("source", "instance")
+# runtime.env / --env-file keys read as settings (isaacteleop env files set them).
+_ENV_SETTINGS = {
+    C.SERVER_PORT_ENV: "signaling_port",
+    C.MEDIA_PORT_ENV: "media_port",
+    C.GPU_CUDA_ENV: "gpu",
+}
+log = logging.getLogger(__name__)
 _T = typing.TypeVar("_T")
 
 
@@ -48,6 +59,11 @@ class RuntimeConfig:
     startup_timeout: float = 30.0
     stop_timeout: float = 10.0
     device_profile: str = C.DEFAULT_DEVICE_PROFILE
+    # The one place of the runtime's ports: NV_CXR_SERVER_PORT (the proxy forwards
+    # there too) and NV_CXR_MEDIA_PORT (UDP).
+    signaling_port: int = C.DEFAULT_BACKEND_PORT
+    media_port: int = C.DEFAULT_MEDIA_PORT
+    gpu: int | None = None  # CUDA device index: NV_CXR_GPU_INDEX_CUDA
     env: Mapping[str, str] = field(default_factory=dict)
     sim: SimConfig = field(default_factory=SimConfig)
 
@@ -57,7 +73,8 @@ class ProxyConfig:
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = C.DEFAULT_PROXY_PORT
-    backend_port: int = C.DEFAULT_BACKEND_PORT
+    # Deprecated alias of runtime.signaling_port; load_config folds it in and clears it.
+    backend_port: int | None = None
     cert: str | None = None
     key: str | None = None
     max_message_size: int = 4 * 1024 * 1024
@@ -83,6 +100,7 @@ class Config:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     restart: RestartConfig = field(default_factory=RestartConfig)
     source: str = field(default="(defaults)", compare=False)
+    instance: str = field(default="", compare=False)  # "" is the unnamed instance
 
     @property
     def install_path(self) -> Path:
@@ -107,24 +125,25 @@ def check_device_profile(profile: str) -> None:
         raise InvalidArgs(f"device_profile {profile!r}: expected one word such as Quest3")
 
 
-def default_config_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    return Path(base) / "cxrd" / "cxrd.toml"
-
-
 def load_config(
     path: Path | None = None,
     *,
+    instance: str = "",
     env_file: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Build the effective config.
+    """Build the effective config of ``instance`` ("" is the unnamed one).
 
-    ``path`` None means the default path, which may be absent; a given path
-    must exist. ``overrides`` maps dotted keys (``"runtime.backend"``) to values.
+    ``path`` None means the instance's default path, which may be absent; a
+    given path must exist. ``overrides`` maps dotted keys
+    (``"runtime.backend"``) to values.
     """
+    try:
+        inst = Instance.of(instance)
+    except InvalidArgs as exc:
+        raise InvalidConfig(f"--instance: {exc}") from None
     explicit = path is not None
-    path = path if path is not None else default_config_path()
+    path = path if path is not None else inst.config_path
     data: dict[str, Any] = {}
     source = "(defaults)"
     if explicit or path.exists():
@@ -137,13 +156,15 @@ def load_config(
             raise InvalidConfig(f"{path}: cannot read config file: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise InvalidConfig(f"{path}: not valid TOML: {exc}") from None
-    config = _build(Config, data, source, "")
+    config = _build(Config, {"install_dir": inst.default_install_dir, **data}, source, "")
+    config = _fold_backend_port(config, _names_signaling(data.get("runtime")), source)
     _check_env(config.runtime.env, source, "runtime.env", allow_profile=False)
+    config = _lift_env_settings(config, dict(config.runtime.env), source, "runtime.env.", data)
     if env_file is not None:
         config = _apply_env_file(config, env_file)
     if overrides:
         config = _apply_overrides(config, overrides)
-    config = dataclasses.replace(config, source=source)
+    config = dataclasses.replace(config, source=source, instance=inst.name)
     _check_semantics(config)
     return config
 
@@ -176,6 +197,75 @@ def _apply_env_file(config: Config, path: Path) -> Config:
         env={**config.runtime.env, **values},
         device_profile=profile if profile is not None else config.runtime.device_profile,
     )
+    # The file is above the TOML: its NV_CXR_SERVER_PORT wins over runtime.signaling_port.
+    config = dataclasses.replace(config, runtime=runtime)
+    return _lift_env_settings(config, values, str(path), "", None)
+
+
+def _names_signaling(section: Any) -> bool:
+    return isinstance(section, Mapping) and "signaling_port" in section
+
+
+def _fold_backend_port(config: Config, explicit_signaling: bool, source: str) -> Config:
+    """``proxy.backend_port``, the old spelling of ``runtime.signaling_port``: warn or refuse."""
+    alias = config.proxy.backend_port
+    if alias is None:
+        return config
+    signaling = config.runtime.signaling_port
+    if explicit_signaling and alias != signaling:
+        raise InvalidConfig(
+            f"{source}: proxy.backend_port: {alias} disagrees with runtime.signaling_port "
+            f"{signaling}; the proxy always forwards to the runtime's signaling port, so "
+            "remove proxy.backend_port"
+        )
+    log.warning(
+        "%s: proxy.backend_port is deprecated; set runtime.signaling_port = %d instead",
+        source,
+        alias,
+    )
+    return dataclasses.replace(
+        config,
+        runtime=dataclasses.replace(config.runtime, signaling_port=alias),
+        proxy=dataclasses.replace(config.proxy, backend_port=None),
+    )
+
+
+def _lift_env_settings(
+    config: Config,
+    env: Mapping[str, str],
+    source: str,
+    where: str,
+    data: Mapping[str, Any] | None,
+) -> Config:
+    """NV_CXR_SERVER_PORT, NV_CXR_MEDIA_PORT and NV_CXR_GPU_INDEX_CUDA of ``env`` as settings.
+
+    They leave ``runtime.env``: cxrd sets them from the settings, so the
+    runtime and the proxy cannot disagree. ``data`` (the TOML) given: a key
+    set both ways to different values is refused.
+    """
+    runtime_table = (data or {}).get("runtime")
+    lifted: dict[str, Any] = {}
+    for key, setting in _ENV_SETTINGS.items():
+        raw = env.get(key)
+        if raw is None:
+            continue
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise InvalidConfig(
+                f"{source}: {where}{key}: expected a whole number, got {raw!r}"
+            ) from None
+        given = runtime_table.get(setting) if isinstance(runtime_table, Mapping) else None
+        if given is not None and given != value:
+            raise InvalidConfig(
+                f"{source}: {where}{key}: {value} disagrees with runtime.{setting} "
+                f"{given!r}; set runtime.{setting} only"
+            )
+        lifted[setting] = value
+    if not lifted:
+        return config
+    remaining = {k: v for k, v in config.runtime.env.items() if k not in _ENV_SETTINGS}
+    runtime = dataclasses.replace(config.runtime, env=remaining, **lifted)
     return dataclasses.replace(config, runtime=runtime)
 
 
@@ -203,7 +293,8 @@ def _apply_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
             node = node.setdefault(part, {})
         node[leaf] = value
     merged = _merge(_as_plain(config), nested)
-    return _build(Config, merged, "command line", "")
+    built = _build(Config, merged, "command line", "")
+    return _fold_backend_port(built, _names_signaling(nested.get("runtime")), "command line")
 
 
 def _as_plain(obj: Any) -> Any:
@@ -211,7 +302,7 @@ def _as_plain(obj: Any) -> Any:
         return {
             f.name: _as_plain(getattr(obj, f.name))
             for f in dataclasses.fields(obj)
-            if f.name != "source"
+            if f.name not in _PROVENANCE
         }
     if isinstance(obj, Mapping):
         return dict(obj)
@@ -235,7 +326,7 @@ def _build(cls: type[_T], data: Mapping[str, Any], source: str, where: str) -> _
         raise InvalidConfig(f"{source}: [{where}]: expected a table")
     assert dataclasses.is_dataclass(cls)
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name not in _PROVENANCE}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else key
@@ -325,12 +416,27 @@ def _check_semantics(config: Config) -> None:
             raise InvalidConfig(f"{src}: {key}: must be greater than 0, got {value}")
     if config.restart.max_restarts < 0:
         raise InvalidConfig(f"{src}: restart.max_restarts: must be 0 or more")
-    for key, port in (
-        ("proxy.port", config.proxy.port),
-        ("proxy.backend_port", config.proxy.backend_port),
-    ):
+    ports = {
+        "proxy.port": config.proxy.port,
+        "runtime.signaling_port": rt.signaling_port,
+        "runtime.media_port": rt.media_port,
+    }
+    for key, port in ports.items():
         if not 0 < port < 65536:
-            raise InvalidConfig(f"{src}: {key}: {port} is not a TCP port (1-65535)")
+            raise InvalidConfig(f"{src}: {key}: {port} is not a port (1-65535)")
+    if config.proxy.enabled and config.proxy.port == rt.signaling_port:
+        raise InvalidConfig(
+            f"{src}: proxy.port: {config.proxy.port} is also runtime.signaling_port; "
+            "the proxy forwards there, so they must differ"
+        )
+    if rt.gpu is not None:
+        if rt.gpu < 0:
+            raise InvalidConfig(f"{src}: runtime.gpu: a CUDA device index is 0 or more")
+        if C.GPU_VULKAN_ENV in rt.env:
+            raise InvalidConfig(
+                f"{src}: runtime.env.{C.GPU_VULKAN_ENV}: the runtime takes either it or "
+                f"{C.GPU_CUDA_ENV} (runtime.gpu), never both; remove one"
+            )
     socket_path = os.fsencode(config.run_dir / C.IPC_SOCKET)
     if len(socket_path) > MAX_SOCKET_PATH:
         longest = MAX_SOCKET_PATH - (len(socket_path) - len(os.fsencode(config.install_path)))

@@ -23,6 +23,7 @@ PEER: Final = f"{DBUS}.Peer"
 
 # systemd names (DESIGN §6).
 UNIT_NAME: Final = "cloudxr.service"
+UNIT_TEMPLATE: Final = "cloudxr@.service"  # named instances: cloudxr@NAME.service
 DBUS_SERVICE_FILE: Final = f"{BUS_NAME}.service"
 
 # Files of the install dir, compatible with isaacteleop's layout (DESIGN §4).
@@ -47,6 +48,13 @@ KEY_FILE: Final = "server.key"
 # Ports (CLOUDXR_FACTS: proxy 48322, runtime signaling 49100).
 DEFAULT_PROXY_PORT: Final = 48322
 DEFAULT_BACKEND_PORT: Final = 49100
+DEFAULT_MEDIA_PORT: Final = 47998  # UDP
+
+# Environment cxrd sets on the runtime from runtime.signaling_port, media_port, gpu.
+SERVER_PORT_ENV: Final = "NV_CXR_SERVER_PORT"
+MEDIA_PORT_ENV: Final = "NV_CXR_MEDIA_PORT"
+GPU_CUDA_ENV: Final = "NV_CXR_GPU_INDEX_CUDA"
+GPU_VULKAN_ENV: Final = "NV_CXR_GPU_INDEX_VULKAN"  # exclusive with the CUDA index
 
 # Environment the runtime always gets computed, never from a user's file.
 RESERVED_ENV_KEYS: Final = frozenset(

@@ -22,6 +22,7 @@ from cxrd import __version__
 from cxrd.config import BACKENDS, Config, load_config
 from cxrd.core.supervisor import Supervisor
 from cxrd.errors import AlreadyServing, CxrdError, InvalidConfig, StartFailed
+from cxrd.instances import Instance
 from cxrd.system.host import SystemHost, SystemReadiness
 from cxrd.system.notify import SdNotifier
 from cxrd.system.process import ProcessLauncher
@@ -81,12 +82,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="cxrd",
         description="Run the NVIDIA CloudXR runtime and its WSS proxy as a supervised service.",
     )
+    p.add_argument(
+        "--instance",
+        default="",
+        metavar="NAME",
+        help="a named instance: ~/.config/cxrd/NAME.toml, ~/.cloudxr-NAME, its own bus name",
+    )
     p.add_argument("--config", type=Path, help="config file (default: ~/.config/cxrd/cxrd.toml)")
     p.add_argument("--runtime", choices=BACKENDS, help="runtime backend (runtime.backend)")
     p.add_argument("--install-dir", help="install dir (install_dir; default ~/.cloudxr)")
     p.add_argument("--profile", help="device profile (runtime.device_profile)")
     p.add_argument("--proxy-port", type=int, help="WSS proxy port (proxy.port)")
-    p.add_argument("--backend-port", type=int, help="runtime signaling port (proxy.backend_port)")
+    p.add_argument(
+        "--signaling-port",
+        "--backend-port",
+        type=int,
+        help="runtime signaling port, where the proxy forwards (runtime.signaling_port)",
+    )
+    p.add_argument("--media-port", type=int, help="runtime media port, UDP (runtime.media_port)")
+    p.add_argument("--gpu", type=int, help="CUDA device index of the runtime (runtime.gpu)")
     p.add_argument("--no-proxy", action="store_true", help="run the runtime without the proxy")
     p.add_argument(
         "--env-file", type=Path, help="isaacteleop-style KEY=value overrides for the runtime"
@@ -102,13 +116,20 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         "install_dir": args.install_dir,
         "runtime.device_profile": args.profile,
         "proxy.port": args.proxy_port,
-        "proxy.backend_port": args.backend_port,
+        "runtime.signaling_port": args.signaling_port,
+        "runtime.media_port": args.media_port,
+        "runtime.gpu": args.gpu,
         "proxy.enabled": False if args.no_proxy else None,
     }
 
 
 def read_config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, env_file=args.env_file, overrides=overrides_from(args))
+    return load_config(
+        args.config,
+        instance=args.instance,
+        env_file=args.env_file,
+        overrides=overrides_from(args),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,8 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         SdNotifier().notify(f"STATUS=Invalid configuration: {err}")
         return err.exit_code
     log.info(
-        "cxrd %s: %s runtime, install dir %s",
+        "cxrd %s: instance %s, %s runtime, install dir %s",
         __version__,
+        Instance(config.instance).label,
         config.runtime.backend,
         config.install_path,
     )
@@ -170,7 +192,7 @@ async def run(config: Config, args: argparse.Namespace) -> int:
     service: DBusService | None = None
     try:
         try:
-            service = await _serve_bus(supervisor)
+            service = await _serve_bus(supervisor, Instance(config.instance).bus_name)
         except AlreadyServing as err:
             supervisor.fail(err)
         except StartFailed as err:
@@ -218,7 +240,7 @@ async def _watchdog(notifier: SdNotifier, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def _serve_bus(supervisor: Supervisor) -> DBusService | None:
+async def _serve_bus(supervisor: Supervisor, bus_name: str) -> DBusService | None:
     # Imported here: dbus-fast loads while the runtime is already coming up.
     from cxrd.dbus.connection import session_bus_address
     from cxrd.dbus.service import serve_dbus
@@ -227,7 +249,7 @@ async def _serve_bus(supervisor: Supervisor) -> DBusService | None:
     if address is None:
         log.warning("no session bus: running without D-Bus (cxrctl and clients cannot reach us)")
         return None
-    return await serve_dbus(supervisor, bus_address=address)
+    return await serve_dbus(supervisor, bus_address=address, bus_name=bus_name)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ ln -s "../lib/cxrd/bin/cxrd" "$stage/usr/bin/cxrd"
 ln -s "../lib/cxrd/bin/cxrctl" "$stage/usr/bin/cxrctl"
 # The checked-in unit and activation file already run /usr/bin/cxrd.
 install -m 0644 "$repo/systemd/cloudxr.service" "$stage/usr/lib/systemd/user/cloudxr.service"
+install -m 0644 "$repo/systemd/cloudxr@.service" "$stage/usr/lib/systemd/user/cloudxr@.service"
 install -m 0644 "$repo/dbus/io.github.cxrd.Daemon1.service" \
     "$stage/usr/share/dbus-1/services/io.github.cxrd.Daemon1.service"
 [[ -f $repo/README.md ]] && install -m 0644 "$repo/README.md" "$stage/usr/share/doc/cxrd/README.md"

@@ -58,6 +58,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
 def test_package_holds_the_units_the_activation_file_and_cxrd(built: Built) -> None:
     for path in (
         "/usr/lib/systemd/user/cloudxr.service",
+        "/usr/lib/systemd/user/cloudxr@.service",
         "/usr/share/dbus-1/services/io.github.cxrd.Daemon1.service",
         "/usr/lib/cxrd/bin/python",
         "/usr/lib/cxrd/bin/cxrd",
@@ -73,6 +74,9 @@ def test_package_holds_the_units_the_activation_file_and_cxrd(built: Built) -> N
     unit = (built.root / "usr/lib/systemd/user/cloudxr.service").read_text()
     assert unit == (REPO / "systemd" / "cloudxr.service").read_text()
     assert "\nExecStart=/usr/bin/cxrd\n" in unit
+    template = (built.root / "usr/lib/systemd/user/cloudxr@.service").read_text()
+    assert template == (REPO / "systemd" / "cloudxr@.service").read_text()
+    assert "\nExecStart=/usr/bin/cxrd --instance %i\n" in template
     activation = built.root / "usr/share/dbus-1/services/io.github.cxrd.Daemon1.service"
     assert "SystemdService=cloudxr.service" in activation.read_text()
     # Nothing the package owns is writable by others or owned by the builder.

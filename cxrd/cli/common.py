@@ -10,6 +10,7 @@ from typing import Any, TextIO, TypeVar
 
 from cxrd.client import AsyncCloudXRClient
 from cxrd.config import Config, load_config
+from cxrd.instances import Instance
 
 _T = TypeVar("_T")
 
@@ -36,17 +37,26 @@ def isatty(stream: TextIO) -> bool:
         return False
 
 
+def instance_from_args(args: argparse.Namespace) -> Instance:
+    """``-i/--instance``, else ``$CXRD_INSTANCE``, else the unnamed instance."""
+    return Instance.selected(getattr(args, "instance", None))
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The config that ``--config`` and ``--install-dir`` name."""
+    """The config that ``--instance``, ``--config`` and ``--install-dir`` name."""
     overrides = {"install_dir": args.install_dir} if args.install_dir else None
-    return load_config(args.config, overrides=overrides)
+    instance = instance_from_args(args)
+    return load_config(args.config, instance=instance.name, overrides=overrides)
 
 
-def with_client(fn: Callable[[AsyncCloudXRClient], Coroutine[Any, Any, _T]]) -> _T:
-    """Run ``fn`` with a client connected for it, on a loop of its own."""
+def with_client(
+    args: argparse.Namespace, fn: Callable[[AsyncCloudXRClient], Coroutine[Any, Any, _T]]
+) -> _T:
+    """Run ``fn`` with a client of the selected instance, on a loop of its own."""
+    instance = instance_from_args(args)
 
     async def call() -> _T:
-        async with AsyncCloudXRClient() as client:
+        async with AsyncCloudXRClient(instance=instance.name) as client:
             return await fn(client)
 
     return asyncio.run(call())

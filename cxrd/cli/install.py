@@ -1,7 +1,10 @@
-"""``cxrctl install`` / ``cxrctl uninstall``: the unit and the D-Bus activation file.
+"""``cxrctl install`` / ``cxrctl uninstall``: the units and the D-Bus activation files.
 
-``install()`` writes ``cloudxr.service`` and ``io.github.cxrd.Daemon1.service``
-from the templates in ``cxrd/data`` with ``ExecStart=``/``Exec=`` pointing at
+``install()`` writes ``cloudxr.service``, the template ``cloudxr@.service``
+(named instances) and ``io.github.cxrd.Daemon1.service``, plus one
+``io.github.cxrd.Daemon1.NAME.service`` per named instance asked for (its bus
+name activates ``cloudxr@NAME.service``), from the templates in ``cxrd/data``
+with ``ExecStart=``/``Exec=`` pointing at
 the cxrd of the interpreter running this code (``<python> -m cxrd``), so pip,
 venv and conda installs each get a unit that runs their own copy. It records
 what it wrote (path and SHA-256) in a manifest, and ``uninstall()`` removes
@@ -34,6 +37,7 @@ from dbus_fast import Message, MessageType
 from cxrd import constants as C
 from cxrd.dbus.connection import CONNECT_ERRORS, connect, session_bus_address
 from cxrd.errors import CxrdError
+from cxrd.instances import Instance
 
 MANIFEST_NAME = "install-manifest.json"
 _RELOAD_TIMEOUT = 10.0
@@ -59,12 +63,19 @@ class Installed(list[Path]):
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the two files and the manifest go for one install mode."""
+    """Where the units, the activation files and the manifest go for one install mode."""
 
     unit: Path
     activation: Path
     manifest: Path
     user: bool
+
+    @property
+    def template_unit(self) -> Path:
+        return self.unit.with_name(C.UNIT_TEMPLATE)
+
+    def activation_for(self, instance: Instance) -> Path:
+        return self.activation.with_name(instance.activation_file)
 
     @classmethod
     def for_prefix(cls, system_prefix: Path | None) -> Layout:
@@ -133,8 +144,20 @@ def render_unit(argv: Sequence[str]) -> str:
     return _replace_key(template(C.UNIT_NAME), "ExecStart", systemd_quote(argv))
 
 
-def render_activation(argv: Sequence[str]) -> str:
-    return _replace_key(template(C.DBUS_SERVICE_FILE), "Exec", dbus_quote(argv))
+def render_template_unit(argv: Sequence[str]) -> str:
+    """``cloudxr@.service``: ``%i``, the instance name, becomes ``--instance``."""
+    exec_start = f"{systemd_quote(argv)} --instance %i"
+    return _replace_key(template(C.UNIT_TEMPLATE), "ExecStart", exec_start)
+
+
+def render_activation(argv: Sequence[str], instance: Instance | None = None) -> str:
+    """The activation file of ``instance`` (None: the unnamed one)."""
+    instance = instance or Instance()
+    text = template(C.DBUS_SERVICE_FILE)
+    if instance.name:
+        # Every bus name and unit name in it, comments included, becomes the instance's.
+        text = text.replace(C.BUS_NAME, instance.bus_name).replace(C.UNIT_NAME, instance.unit)
+    return _replace_key(text, "Exec", dbus_quote([*argv, *instance.daemon_args]))
 
 
 def _replace_key(text: str, key: str, value: str) -> str:
@@ -175,33 +198,38 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def install(
     system_prefix: Path | None = None,
     *,
+    instances: Sequence[Instance] = (),
     exec_argv: Sequence[str] | None = None,
     force: bool = False,
     reload: bool = True,
 ) -> Installed:
-    """Write the unit and the activation file; return the paths written.
+    """Write the units and the activation files; return the paths written.
 
     ``system_prefix`` None installs for this user (XDG dirs); ``/usr`` or
-    ``/usr/local`` installs for every user of the machine. A file already there
-    is replaced only when cxrd wrote it (manifest) or it is identical, unless
-    ``force``.
+    ``/usr/local`` installs for every user of the machine. ``instances``: named
+    instances to write activation files for; those of earlier installs stay.
+    A file already there is replaced only when cxrd wrote it (manifest) or it
+    is identical, unless ``force``.
     """
     layout = Layout.for_prefix(system_prefix)
     argv = list(exec_argv) if exec_argv is not None else default_exec_argv()
     wanted = {
         layout.unit: render_unit(argv).encode(),
+        layout.template_unit: render_template_unit(argv).encode(),
         layout.activation: render_activation(argv).encode(),
     }
+    for instance in instances:
+        if instance.name:
+            wanted[layout.activation_for(instance)] = render_activation(argv, instance).encode()
     recorded = _read_manifest(layout.manifest)
     for path, data in wanted.items():
         _check_replaceable(path, data, recorded, force)
     for path, data in wanted.items():
         _write_atomic(path, data)
-    manifest = {
-        "version": 1,
-        "exec": argv,
-        "files": {str(path): _digest(data) for path, data in wanted.items()},
-    }
+    # Files of earlier installs (other instances' activation files) stay recorded.
+    files = {name: digest for name, digest in recorded.items() if Path(name).exists()}
+    files.update({str(path): _digest(data) for path, data in wanted.items()})
+    manifest = {"version": 1, "exec": argv, "files": files}
     _write_atomic(layout.manifest, (json.dumps(manifest, indent=2) + "\n").encode())
     notes = reload_managers() if reload else []
     return Installed([*wanted, layout.manifest], notes)
@@ -217,13 +245,18 @@ def _check_replaceable(path: Path, data: bytes, recorded: dict[str, str], force:
     raise InstallConflict(f"{path} exists and was not written by `cxrctl install`")
 
 
-def uninstall(system_prefix: Path | None = None, *, reload: bool = True) -> Installed:
+def uninstall(
+    system_prefix: Path | None = None, *, instance: Instance | None = None, reload: bool = True
+) -> Installed:
     """Remove what ``install()`` wrote and still holds its content; return the paths removed.
 
-    A recorded file that was edited since is left in place, with a note.
+    A recorded file that was edited since is left in place, with a note. A
+    named ``instance``: only its activation file goes, the rest stays.
     """
     layout = Layout.for_prefix(system_prefix)
     recorded = _read_manifest(layout.manifest)
+    if instance is not None and instance.name:
+        return _uninstall_instance(layout, recorded, instance, reload)
     removed: list[Path] = []
     notes: list[str] = []
     for name, digest in recorded.items():
@@ -249,6 +282,27 @@ def uninstall(system_prefix: Path | None = None, *, reload: bool = True) -> Inst
     if reload and removed:
         notes.extend(reload_managers())
     return Installed(removed, notes)
+
+
+def _uninstall_instance(
+    layout: Layout, recorded: dict[str, str], instance: Instance, reload: bool
+) -> Installed:
+    path = layout.activation_for(instance)
+    digest = recorded.pop(str(path), None)
+    if digest is None:
+        return Installed()
+    try:
+        current = path.read_bytes()
+    except FileNotFoundError:
+        current = None
+    if current is not None and _digest(current) != digest:
+        return Installed(notes=[f"left {path} in place: it was changed after `cxrctl install`"])
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    raw = json.loads(layout.manifest.read_text(encoding="utf-8"))
+    raw["files"] = recorded
+    _write_atomic(layout.manifest, (json.dumps(raw, indent=2) + "\n").encode())
+    return Installed([path], reload_managers() if reload else [])
 
 
 def reload_managers() -> list[str]:

@@ -25,7 +25,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             Out(sys.stdout).line("start requested; `cxrctl wait` waits until ready")
             return 0
 
-        return with_client(request)
+        return with_client(args, request)
 
     async def start(client: AsyncCloudXRClient) -> int:
         coro = client.start(timeout=args.timeout, device_profile=args.profile)
@@ -33,7 +33,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         _print_ready(snap, f"ready in {elapsed:.1f} s")
         return 0
 
-    return with_client(start)
+    return with_client(args, start)
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
@@ -43,7 +43,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
         _print_ready(snap, f"restarted in {elapsed:.1f} s")
         return 0
 
-    return with_client(restart)
+    return with_client(args, restart)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -53,7 +53,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
         _print_ready(snap, f"ready after {elapsed:.1f} s")
         return 0
 
-    return with_client(wait)
+    return with_client(args, wait)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -63,7 +63,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return with_client(stop)
+        return with_client(args, stop)
     except NotRunning:
         Out(sys.stdout).line("not running")
         return 0

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cxrd import constants as C
-from cxrd.cli.common import Out, config_from_args, with_client
+from cxrd.cli.common import Out, config_from_args, instance_from_args, with_client
 from cxrd.client import AsyncCloudXRClient
 from cxrd.errors import CxrdError, InvalidArgs, NotRunning
 
@@ -39,7 +39,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def _log_files(args: argparse.Namespace) -> list[Path]:
     logs: dict[str, str] = {}
     with contextlib.suppress(CxrdError):
-        logs = dict(_run_snapshot_logs())
+        logs = dict(_run_snapshot_logs(args))
     if not logs:
         config = config_from_args(args)
         found = {
@@ -56,11 +56,11 @@ def _log_files(args: argparse.Namespace) -> list[Path]:
     return [Path(logs[key]) for key in wanted if key in logs]
 
 
-def _run_snapshot_logs() -> dict[str, str]:
+def _run_snapshot_logs(args: argparse.Namespace) -> dict[str, str]:
     async def logs(client: AsyncCloudXRClient) -> dict[str, str]:
         return dict((await client.status()).logs)
 
-    return with_client(logs)
+    return with_client(args, logs)
 
 
 def _mtime(path: Path) -> float:
@@ -94,7 +94,8 @@ def _daemon_logs(args: argparse.Namespace) -> int:
         raise NotRunning(
             "there is no systemd journal here; a cxrd run outside systemd logs to its stderr"
         )
-    argv = [journalctl, "--user", "-u", C.UNIT_NAME, "-n", str(args.lines), "--no-pager"]
+    unit = instance_from_args(args).unit
+    argv = [journalctl, "--user", "-u", unit, "-n", str(args.lines), "--no-pager"]
     if args.follow:
         argv.append("-f")
     sys.stdout.flush()

@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         # from overwriting what was given before it.
         common = argparse.ArgumentParser(add_help=False)
         common.add_argument(
+            "-i",
+            "--instance",
+            metavar="NAME",
+            default=default,
+            help="a named instance (default $CXRD_INSTANCE, else the unnamed one)",
+        )
+        common.add_argument(
             "--config",
             type=Path,
             default=default,

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cxrd.cli.common import Out, config_from_args, isatty
+from cxrd.cli.common import Out, config_from_args, instance_from_args, isatty
 from cxrd.errors import EulaNotAccepted
 
 
@@ -42,7 +42,8 @@ def cmd_install(args: argparse.Namespace) -> int:
     from cxrd.cli import install
 
     prefix = Path(args.system_prefix) if args.system_prefix else None
-    written = install.install(prefix, force=args.force)
+    instance = instance_from_args(args)
+    written = install.install(prefix, instances=[instance], force=args.force)
     out = Out(sys.stdout)
     for path in written:
         out.line(f"wrote {path}")
@@ -55,7 +56,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     from cxrd.cli import install
 
     prefix = Path(args.system_prefix) if args.system_prefix else None
-    removed = install.uninstall(prefix)
+    removed = install.uninstall(prefix, instance=instance_from_args(args))
     out = Out(sys.stdout)
     for path in removed:
         out.line(f"removed {path}")

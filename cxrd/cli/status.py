@@ -18,11 +18,12 @@ import sys
 import time
 from typing import Any
 
-from cxrd.cli.common import Out, config_from_args, with_client
+from cxrd.cli.common import Out, config_from_args, instance_from_args, with_client
 from cxrd.client import AsyncCloudXRClient
 from cxrd.core.snapshot import Snapshot
 from cxrd.core.states import State
 from cxrd.errors import CxrdError, NotRunning
+from cxrd.instances import Instance
 from cxrd.system.rundir import read_last_error
 
 EXIT_READY = 0
@@ -69,7 +70,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _STATUS_EXIT.get(snap.state, EXIT_TRANSITION)
 
     try:
-        return with_client(ask)
+        return with_client(args, ask)
     except NotRunning as err:
         _print_down(args, str(err))
         return EXIT_NOT_RUNNING
@@ -88,7 +89,7 @@ def _print_status(snap: Snapshot, as_json: bool) -> None:
         else (f"{snap.backend} runtime")
     )
     out.line(f"{dot} cxrd {snap.version} — {state} ({backend})")
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[str, str]] = [("Instance", Instance(snap.instance).label)]
     if snap.runtime.pid:
         up = time.time() - snap.runtime.started_at if snap.runtime.started_at else 0.0
         rows.append(("Runtime", f"pid {snap.runtime.pid}, up {_duration(up)}"))
@@ -103,6 +104,9 @@ def _print_status(snap: Snapshot, as_json: bool) -> None:
         if snap.proxy.restarts:
             rows.append(("Proxy restarts", str(snap.proxy.restarts)))
     rows.append(("Profile", snap.device_profile))
+    rows.append(("GPU", gpu_text(snap.gpu)))
+    if snap.signaling_port:
+        rows.append(("Ports", f"signaling {snap.signaling_port}/tcp, media {snap.media_port}/udp"))
     rows.append(("Env file", snap.env_file))
     rows.append(("Install dir", snap.install_dir))
     rows.append(("Daemon up", _duration(snap.uptime)))
@@ -124,6 +128,11 @@ def _child_down(state: str) -> str:
         "starting": "starting",
         "stopping": "stopping",
     }.get(state, "not running")
+
+
+def gpu_text(gpu: int) -> str:
+    """``runtime.gpu`` for a person: the CUDA index, or that it is not pinned."""
+    return f"CUDA {gpu}" if gpu >= 0 else "not pinned (the driver's default)"
 
 
 def _snapshot_json(snap: Snapshot) -> dict[str, Any]:
@@ -150,7 +159,8 @@ def _print_down(args: argparse.Namespace, why: str) -> None:
             )
         )
         return
-    out.line(f"{out.paint('○', '90')} cxrd — {out.paint('inactive', '1')} (not running)")
+    label = instance_from_args(args).label
+    out.line(f"{out.paint('○', '90')} cxrd ({label}) — {out.paint('inactive', '1')} (not running)")
     if last is not None:
         out.line(
             f"  Last failure ({last.get('when', '?')}): {out.paint(str(last.get('error')), '31')}"
@@ -172,7 +182,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         Out(sys.stdout).line(format_env(values, args.shell))
         return 0
 
-    return with_client(env)
+    return with_client(args, env)
 
 
 def format_env(env: dict[str, str], shell: str) -> str:

@@ -154,8 +154,9 @@ class Operation:
 def reload_changes(old: Config, new: Config) -> tuple[bool, bool, list[str]]:
     """(runtime must restart, proxy must restart, the changed keys, dotted)."""
     changed = _changed_keys(old, new)
-    runtime = any(k.startswith("runtime.") for k in changed) or "proxy.backend_port" in changed
-    proxy = any(k.startswith("proxy.") for k in changed)
+    runtime = any(k.startswith("runtime.") for k in changed)
+    # The proxy forwards to the runtime's signaling port.
+    proxy = any(k.startswith("proxy.") for k in changed) or "runtime.signaling_port" in changed
     return runtime, proxy, changed
 
 

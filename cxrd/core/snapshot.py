@@ -56,3 +56,7 @@ class Snapshot:
     version: str
     interface_version: int
     leases: tuple[Lease, ...] = field(default=())
+    instance: str = ""  # "" is the unnamed instance
+    gpu: int = -1  # runtime.gpu, the CUDA device index; -1: not pinned
+    signaling_port: int = 0  # runtime.signaling_port (TCP), where the proxy forwards
+    media_port: int = 0  # runtime.media_port (UDP)

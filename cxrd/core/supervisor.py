@@ -128,6 +128,10 @@ class Supervisor(Operations):
             version=__version__,
             interface_version=C.INTERFACE_VERSION,
             leases=tuple(self._leases.values()),
+            instance=self._config.instance,
+            gpu=self._config.runtime.gpu if self._config.runtime.gpu is not None else -1,
+            signaling_port=self._config.runtime.signaling_port,
+            media_port=self._config.runtime.media_port,
         )
 
     def _emit(self, event: Event) -> None:

@@ -72,9 +72,10 @@ class CloudXRClient:
     the connection, which also ends any lease it holds.
     """
 
-    def __init__(self, bus_address: str | None = None) -> None:
+    def __init__(self, bus_address: str | None = None, *, instance: str | None = None) -> None:
+        """``instance``: a named one; None reads ``$CXRD_INSTANCE`` (unset: the unnamed one)."""
         self._thread = _LoopThread()
-        self._client = AsyncCloudXRClient(bus_address)
+        self._client = AsyncCloudXRClient(bus_address, instance=instance)
         try:
             self._thread.run(self._client.open())
         except BaseException:

@@ -20,7 +20,7 @@ from typing import Any
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from cxrd.constants import BUS_NAME, DBUS, DBUS_PATH, INTERFACE, OBJECT_PATH, PROPERTIES
+from cxrd.constants import DBUS, DBUS_PATH, INTERFACE, OBJECT_PATH, PROPERTIES
 from cxrd.core.snapshot import Snapshot
 from cxrd.core.states import State, StateChanged
 from cxrd.dbus import wire
@@ -34,6 +34,7 @@ from cxrd.errors import (
     Timeout,
     error_for_dbus_name,
 )
+from cxrd.instances import Instance
 
 CALL_TIMEOUT = 25.0  # seconds for a call that does not wait on the runtime (libdbus's default)
 START_TIMEOUT = 300.0  # a Start without a timeout of its own still ends some day
@@ -104,15 +105,20 @@ def error_from_reply(name: str, text: str) -> CxrdError:
 class AsyncCloudXRClient:
     """One bus connection to cxrd. Use ``async with`` or :meth:`close`."""
 
-    def __init__(self, bus_address: str | None = None) -> None:
+    def __init__(self, bus_address: str | None = None, *, instance: str | None = None) -> None:
+        """``instance``: a named one; None reads ``$CXRD_INSTANCE`` (unset: the unnamed one)."""
+        self.instance = Instance.selected(instance)
+        self._name = self.instance.bus_name
         self._address = bus_address
         self._bus: MessageBus | None = None
         self._watchers: list[asyncio.Queue[ClientEvent]] = []
         self._matching = False
 
     @classmethod
-    async def connect(cls, bus_address: str | None = None) -> AsyncCloudXRClient:
-        client = cls(bus_address)
+    async def connect(
+        cls, bus_address: str | None = None, *, instance: str | None = None
+    ) -> AsyncCloudXRClient:
+        client = cls(bus_address, instance=instance)
         await client.open()
         return client
 
@@ -162,13 +168,13 @@ class AsyncCloudXRClient:
         *,
         auto_start: bool = False,
         timeout: float = CALL_TIMEOUT,
-        destination: str = BUS_NAME,
+        destination: str | None = None,
         path: str = OBJECT_PATH,
         interface: str = INTERFACE,
     ) -> list[Any]:
         bus = self._connected()
         message = Message(
-            destination=destination,
+            destination=destination or self._name,
             path=path,
             interface=interface,
             member=member,
@@ -213,7 +219,7 @@ class AsyncCloudXRClient:
 
     async def is_running(self) -> bool:
         try:
-            await self._driver("GetNameOwner", BUS_NAME)
+            await self._driver("GetNameOwner", self._name)
         except NotRunning:
             return False
         return True
@@ -252,7 +258,7 @@ class AsyncCloudXRClient:
     def start_no_block(self, *, device_profile: str | None = None) -> None:
         """Ask for a start (activating the daemon) without waiting for any answer."""
         message = Message(
-            destination=BUS_NAME,
+            destination=self._name,
             path=OBJECT_PATH,
             interface=INTERFACE,
             member="Start",
@@ -266,7 +272,7 @@ class AsyncCloudXRClient:
         """Stop the daemon and wait until it has left the bus. False if it was not running."""
         async with self.watch() as events:
             try:
-                (owner,) = await self._driver("GetNameOwner", BUS_NAME)
+                (owner,) = await self._driver("GetNameOwner", self._name)
                 await self._call("Stop")
             except NotRunning:
                 return False
@@ -277,7 +283,7 @@ class AsyncCloudXRClient:
         """Return once nobody owns the bus name."""
         async with self.watch() as events:
             try:
-                (owner,) = await self._driver("GetNameOwner", BUS_NAME)
+                (owner,) = await self._driver("GetNameOwner", self._name)
             except NotRunning:
                 return
             await self._wait_owner_gone(owner, events, timeout)
@@ -393,11 +399,12 @@ class AsyncCloudXRClient:
     async def _add_matches(self) -> None:
         if self._matching:
             return
+        name = self._name
         rules = (
             f"type='signal',sender='{DBUS}',path='{DBUS_PATH}',interface='{DBUS}',"
-            f"member='NameOwnerChanged',arg0='{BUS_NAME}'",
-            f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',interface='{INTERFACE}'",
-            f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',interface='{PROPERTIES}',"
+            f"member='NameOwnerChanged',arg0='{name}'",
+            f"type='signal',sender='{name}',path='{OBJECT_PATH}',interface='{INTERFACE}'",
+            f"type='signal',sender='{name}',path='{OBJECT_PATH}',interface='{PROPERTIES}',"
             f"member='PropertiesChanged',arg0='{INTERFACE}'",
         )
         for rule in rules:
@@ -409,7 +416,7 @@ class AsyncCloudXRClient:
             return
         event: ClientEvent | None = None
         if msg.member == "NameOwnerChanged" and msg.interface == DBUS and msg.sender == DBUS:
-            if msg.body and msg.body[0] == BUS_NAME:
+            if msg.body and msg.body[0] == self._name:
                 event = OwnerEvent(owner=str(msg.body[2]))
         elif msg.path == OBJECT_PATH:
             if msg.interface == INTERFACE and msg.member == "StateChanged":

@@ -122,8 +122,9 @@ class _Peers:
 class DBusService:
     """The daemon's bus connection: the exported object, the name, the lease watcher."""
 
-    def __init__(self, bus: MessageBus, supervisor: Supervisor) -> None:
+    def __init__(self, bus: MessageBus, supervisor: Supervisor, name: str = BUS_NAME) -> None:
         self._bus = bus
+        self._name = name  # the instance's bus name
         self._sup = supervisor
         self._uid = os.getuid()
         self._peers = _Peers(bus)
@@ -139,14 +140,14 @@ class DBusService:
         self._unsubscribe = self._sup.subscribe(self._interface.on_event)
         await _driver_call(self._bus, "AddMatch", "s", [_NAME_LEFT_RULE])
         async with asyncio.timeout(_BUS_TIMEOUT):
-            reply = await self._bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+            reply = await self._bus.request_name(self._name, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-            raise AlreadyServing(f"{BUS_NAME} is already served on this bus{await self._owner()}")
-        _log.info("serving %s on the session bus as %s", BUS_NAME, self._bus.unique_name)
+            raise AlreadyServing(f"{self._name} is already served on this bus{await self._owner()}")
+        _log.info("serving %s on the session bus as %s", self._name, self._bus.unique_name)
 
     async def _owner(self) -> str:
         try:
-            (owner,) = await _driver_call(self._bus, "GetNameOwner", "s", [BUS_NAME])
+            (owner,) = await _driver_call(self._bus, "GetNameOwner", "s", [self._name])
             (pid,) = await _driver_call(self._bus, "GetConnectionUnixProcessID", "s", [owner])
         except (LookupError, TimeoutError):
             return ""
@@ -182,7 +183,7 @@ class DBusService:
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return True
         return Message.new_error(
-            msg, AccessDenied.dbus_name(), f"only uid {self._uid} may use {BUS_NAME}"
+            msg, AccessDenied.dbus_name(), f"only uid {self._uid} may use {self._name}"
         )
 
     def _hold(self, sender: str, msg: Message) -> None:
@@ -238,7 +239,7 @@ class DBusService:
         if self._bus.connected:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(_BUS_TIMEOUT):
-                    await self._bus.release_name(BUS_NAME)
+                    await self._bus.release_name(self._name)
             self._bus.unexport(OBJECT_PATH)
             self._bus.disconnect()
             with contextlib.suppress(Exception):
@@ -253,8 +254,10 @@ class DBusService:
             await asyncio.shield(self._bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
 
 
-async def serve_dbus(supervisor: Supervisor, *, bus_address: str | None = None) -> DBusService:
-    """Connect, export the interface and take the bus name (DESIGN §5).
+async def serve_dbus(
+    supervisor: Supervisor, *, bus_address: str | None = None, bus_name: str = BUS_NAME
+) -> DBusService:
+    """Connect, export the interface and take the (instance's) bus name (DESIGN §5).
 
     Taken name: :class:`AlreadyServing` naming the owner's pid. No reachable
     bus: :class:`StartFailed` saying which address failed.
@@ -264,7 +267,7 @@ async def serve_dbus(supervisor: Supervisor, *, bus_address: str | None = None) 
         bus = await connect(address, timeout=_BUS_TIMEOUT)
     except CONNECT_ERRORS as exc:
         raise StartFailed(f"cannot connect to the session bus at {address}: {exc}") from None
-    service = DBusService(bus, supervisor)
+    service = DBusService(bus, supervisor, bus_name)
     try:
         await service._open()
     except BaseException:

@@ -106,6 +106,10 @@ def snapshot_to_wire(snap: Snapshot) -> dict[str, Variant]:
         "version": Variant("s", snap.version),
         "interface_version": Variant("u", _u32(snap.interface_version)),
         "leases": Variant(LEASES_SIGNATURE, [lease_to_wire(lease) for lease in snap.leases]),
+        "instance": Variant("s", snap.instance),
+        "gpu": Variant("i", int(snap.gpu)),
+        "signaling_port": Variant("u", _u32(snap.signaling_port)),
+        "media_port": Variant("u", _u32(snap.media_port)),
     }
 
 
@@ -160,6 +164,10 @@ def snapshot_from_wire(data: Mapping[str, Any]) -> Snapshot:
         version=_get(data, "version", str, ""),
         interface_version=_get(data, "interface_version", int, 0),
         leases=tuple(lease_from_wire(item) for item in _get(data, "leases", list, [])),
+        instance=_get(data, "instance", str, ""),
+        gpu=_get(data, "gpu", int, -1),
+        signaling_port=_get(data, "signaling_port", int, 0),
+        media_port=_get(data, "media_port", int, 0),
     )
 
 

@@ -36,6 +36,7 @@ class ProxyLaunch:
     cert: Path
     key: Path
     settings: ProxyConfig = field(default_factory=ProxyConfig)
+    backend_port: int = C.DEFAULT_BACKEND_PORT  # runtime.signaling_port
 
     @property
     def stderr_log(self) -> Path:
@@ -58,7 +59,7 @@ class ProxyLaunch:
             "--backend-host",
             BACKEND_HOST,
             "--backend-port",
-            str(s.backend_port),
+            str(self.backend_port),
             "--cert",
             str(self.cert),
             "--key",
@@ -123,6 +124,7 @@ def prepare_proxy(config: Config, keep: ProxyLaunch | None = None) -> ProxyLaunc
         cert=cert,
         key=key,
         settings=settings,
+        backend_port=config.runtime.signaling_port,
     )
 
 

@@ -40,7 +40,7 @@ def computed_env(install: Path) -> dict[str, str]:
 
 
 def runtime_environment(config: Config, device_profile: str) -> dict[str, str]:
-    """Defaults, the profile, ``runtime.env``, then the computed keys (which always win)."""
+    """Defaults, the profile, ``runtime.env``, the ports and GPU, then the computed keys."""
     env = dict(C.DEFAULT_RUNTIME_ENV)
     env[C.DEVICE_PROFILE_ENV] = device_profile
     for key, value in config.runtime.env.items():
@@ -49,6 +49,10 @@ def runtime_environment(config: Config, device_profile: str) -> dict[str, str]:
         except ValueError as exc:
             raise InvalidConfig(f"{config.source}: runtime.env.{exc}") from None
         env[key] = value
+    env[C.SERVER_PORT_ENV] = str(config.runtime.signaling_port)
+    env[C.MEDIA_PORT_ENV] = str(config.runtime.media_port)
+    if config.runtime.gpu is not None:
+        env[C.GPU_CUDA_ENV] = str(config.runtime.gpu)
     computed = computed_env(config.install_path)
     for key, value in computed.items():
         try:

@@ -5,7 +5,8 @@ cxrd's own environment, the same variable in ``runtime.env``, then
 ``[runtime.sim]`` in the config file. So ``CXRD_SIM_CRASH_AFTER=2 cxrd
 --runtime sim`` injects a fault for one run without editing the file, and
 ``CXRD_SIM_NEVER_READY=0`` turns a configured fault off. The signaling port
-is the exception: it is always ``proxy.backend_port``, where the proxy looks.
+is the runtime's own ``NV_CXR_SERVER_PORT`` (``runtime.signaling_port``), where
+the proxy forwards, as the real runtime's is.
 No EULA is needed; the sim is not NVIDIA software.
 """
 
@@ -43,8 +44,9 @@ def prepare(config: Config, device_profile: str) -> RuntimeLaunch:
     given = {**os.environ, **environment}
     configured = fault_env(config.runtime.sim)
     extras = {k: v for k, v in configured.items() if k not in given}
-    extras[F.SIGNALING_PORT] = str(config.proxy.backend_port)
-    effective = {k: v for k, v in {**given, **extras}.items() if k.startswith(F.PREFIX)}
+    effective = {
+        k: v for k, v in {**given, **extras}.items() if k.startswith(F.PREFIX) or k in F.KNOWN
+    }
     try:
         F.parse_faults(effective)
     except ValueError as exc:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from cxrd.constants import DEFAULT_BACKEND_PORT
+from cxrd.constants import DEFAULT_BACKEND_PORT, SERVER_PORT_ENV
 
 _T = TypeVar("_T")
 
@@ -25,7 +25,7 @@ CRASH_AFTER: Final = "CXRD_SIM_CRASH_AFTER"
 IGNORE_SIGTERM: Final = "CXRD_SIM_IGNORE_SIGTERM"
 SPAWN_GRANDCHILD: Final = "CXRD_SIM_SPAWN_GRANDCHILD"
 FLOOD_STDERR: Final = "CXRD_SIM_FLOOD_STDERR"
-SIGNALING_PORT: Final = "CXRD_SIM_SIGNALING_PORT"
+SIGNALING_PORT: Final = SERVER_PORT_ENV  # the runtime's own variable, as cxrd sets it
 SIGNALING_HOST: Final = "CXRD_SIM_SIGNALING_HOST"
 
 #: Every variable the sim reads; anything else with the prefix is a typo.

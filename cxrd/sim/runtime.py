@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from websockets.asyncio.server import Server
 
 BANNER = "SIMULATED CloudXR runtime for tests and demos - not NVIDIA CloudXR"
+# What the sim tells each signaling client it was given (which runtime it reached).
+REPORTED_ENV = (C.SERVER_PORT_ENV, C.MEDIA_PORT_ENV, C.GPU_CUDA_ENV, "CXR_INSTALL_DIR")
 _PREFIX = "cxrd-sim"
 _FLOOD_LINE = b"cxrd-sim: flooding stderr as CXRD_SIM_FLOOD_STDERR asked, padding padding\n"
 _PR_SET_DUMPABLE = 4
@@ -271,7 +273,11 @@ class _Sim:
         where = f"{faults.signaling_host}:{faults.signaling_port}"
         try:
             signaling = await start_signaling(
-                faults.signaling_host, faults.signaling_port, paths.device_profile, log.note
+                faults.signaling_host,
+                faults.signaling_port,
+                paths.device_profile,
+                {k: os.environ[k] for k in REPORTED_ENV if k in os.environ},
+                log.note,
             )
         except OSError as exc:
             log.note(f"error: cannot listen for signaling on {where}: {exc}", stderr=True)

@@ -6,7 +6,11 @@ Protocol, so tests of the WSS proxy can see what reached the backend:
 
     {"type": "hello", "server": "cxrd-sim", "simulated": true, "path": "/x?y",
      "subprotocol": "p1" | null, "device_profile": "Quest3",
-     "headers": [["Host", "..."], ...]}
+     "headers": [["Host", "..."], ...],
+     "runtime_env": {"NV_CXR_SERVER_PORT": "49100", ...}}
+
+  ``runtime_env`` holds the ports, GPU index and install dir the sim was
+  given, so a client can tell which runtime (which instance) it reached.
 
 * Every later text or binary message is echoed back unchanged, except
 * a text message ``close:<code>:<reason>`` (``close`` alone means 1000), which
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -50,7 +54,10 @@ def _parse_close(message: str) -> tuple[int, str] | None:
 
 
 async def _handle(
-    connection: ServerConnection, device_profile: str, note: Callable[[str], None]
+    connection: ServerConnection,
+    device_profile: str,
+    runtime_env: Mapping[str, str],
+    note: Callable[[str], None],
 ) -> None:
     request = connection.request
     path = request.path if request is not None else ""
@@ -64,6 +71,7 @@ async def _handle(
         "subprotocol": connection.subprotocol,
         "device_profile": device_profile,
         "headers": headers,
+        "runtime_env": dict(runtime_env),
     }
     try:
         await connection.send(json.dumps(hello))
@@ -92,12 +100,16 @@ async def _handle(
 
 
 async def start_signaling(
-    host: str, port: int, device_profile: str, note: Callable[[str], None]
+    host: str,
+    port: int,
+    device_profile: str,
+    runtime_env: Mapping[str, str],
+    note: Callable[[str], None],
 ) -> Server:
     """Listen on ``host:port``; raises :class:`OSError` when the port is taken."""
 
     async def handler(connection: ServerConnection) -> None:
-        await _handle(connection, device_profile, note)
+        await _handle(connection, device_profile, runtime_env, note)
 
     return await serve(
         handler,

@@ -17,7 +17,7 @@ from cxrd.config import Config
 from cxrd.errors import AlreadyServing, CxrdError
 from cxrd.proxy.launch import ProxyLaunch, prepare_proxy
 from cxrd.runtimes import RuntimeLaunch, prepare_runtime
-from cxrd.system import rundir
+from cxrd.system import rundir, siblings
 from cxrd.system.diagnosis import log_section, newest_log
 from cxrd.system.envfile import write_env_file
 from cxrd.system.process import read_ready_line
@@ -60,6 +60,7 @@ class SystemHost:
     """The install dir's files and the backends, as the supervisor's Host port."""
 
     def prepare_runtime(self, config: Config, profile: str) -> RuntimeLaunch:
+        siblings.check_ports(config)
         return prepare_runtime(config, device_profile=profile)
 
     async def prepare_proxy(self, config: Config, keep: ProxyLaunch | None) -> ProxyLaunch:

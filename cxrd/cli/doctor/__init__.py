@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from cxrd.cli.doctor.bus import check_activation, check_session_bus, probe_bus
 from cxrd.cli.doctor.check import Check
+from cxrd.cli.doctor.gpus import check_gpus
 from cxrd.cli.doctor.network import check_certificate, check_port
 from cxrd.cli.doctor.runtime import (
     check_driver_libs,
@@ -24,23 +25,26 @@ from cxrd.cli.doctor.runtime import (
 )
 from cxrd.cli.doctor.systemd import check_lingering, check_unit, check_user_manager
 from cxrd.config import Config
+from cxrd.instances import Instance
 
 
 def run_checks(config: Config) -> list[Check]:
     """Every check, in the order a person would fix them."""
-    bus = probe_bus()
+    instance = Instance(config.instance)
+    bus = probe_bus(instance.bus_name)
     checks: list[Callable[[], Check]] = [
         lambda: check_session_bus(bus),
         check_user_manager,
-        check_unit,
+        lambda: check_unit(instance.unit),
         lambda: check_activation(bus),
         lambda: check_runtime_package(config),
         lambda: check_eula(config),
         lambda: check_driver_libs(config),
         lambda: check_gpu(config),
+        lambda: check_gpus(config),
         lambda: check_port(config, "proxy port", config.proxy.port, "proxy.port", bus),
         lambda: check_port(
-            config, "runtime port", config.proxy.backend_port, "proxy.backend_port", bus
+            config, "runtime port", config.runtime.signaling_port, "runtime.signaling_port", bus
         ),
         lambda: check_certificate(config),
         lambda: check_run_dir(config),

@@ -12,6 +12,7 @@ from dbus_fast import Message, MessageFlag, MessageType
 from cxrd import constants as C
 from cxrd.cli.doctor.check import TIMEOUT, Check
 from cxrd.dbus.connection import CONNECT_ERRORS, connect, session_bus_address
+from cxrd.instances import from_bus_name
 
 
 @dataclass
@@ -19,26 +20,28 @@ class BusFacts:
     """What the session bus says, gathered once for several checks."""
 
     address: str | None = None
+    bus_name: str = C.BUS_NAME
     error: str | None = None
     activatable: bool = False
     daemon_pid: int = 0  # 0: the bus name has no owner
     child_pids: set[int] = field(default_factory=set)  # RuntimePid, ProxyPid
 
 
-def probe_bus() -> BusFacts:
+def probe_bus(bus_name: str = C.BUS_NAME) -> BusFacts:
+    """What the session bus says about ``bus_name`` (an instance's)."""
     address = session_bus_address()
     if address is None:
         return BusFacts(error="DBUS_SESSION_BUS_ADDRESS is unset and $XDG_RUNTIME_DIR/bus absent")
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(asyncio.run, _ask_bus(address))
+        future = pool.submit(asyncio.run, _ask_bus(address, bus_name))
         try:
             return future.result(timeout=TIMEOUT * 2)
         except concurrent.futures.TimeoutError:
             return BusFacts(address=address, error="the bus did not answer in time")
 
 
-async def _ask_bus(address: str) -> BusFacts:
-    facts = BusFacts(address=address)
+async def _ask_bus(address: str, bus_name: str) -> BusFacts:
+    facts = BusFacts(address=address, bus_name=bus_name)
     try:
         bus = await connect(address, timeout=TIMEOUT)
     except CONNECT_ERRORS as exc:
@@ -72,13 +75,13 @@ async def _ask_bus(address: str) -> BusFacts:
     try:
         async with asyncio.timeout(TIMEOUT):
             names = await call(*dbus, "ListActivatableNames")
-            facts.activatable = bool(names) and C.BUS_NAME in names[0]  # type: ignore[index,operator]
-            pid = await call(*dbus, "GetConnectionUnixProcessID", "s", [C.BUS_NAME])
+            facts.activatable = bool(names) and bus_name in names[0]  # type: ignore[index,operator]
+            pid = await call(*dbus, "GetConnectionUnixProcessID", "s", [bus_name])
             facts.daemon_pid = int(pid[0]) if pid else 0  # type: ignore[call-overload]
             if facts.daemon_pid:
                 for prop in ("RuntimePid", "ProxyPid"):
                     value = await call(
-                        C.BUS_NAME,
+                        bus_name,
                         C.OBJECT_PATH,
                         C.PROPERTIES,
                         "Get",
@@ -93,6 +96,15 @@ async def _ask_bus(address: str) -> BusFacts:
         bus.disconnect()
     facts.child_pids.discard(0)
     return facts
+
+
+def install_command(bus_name: str) -> str:
+    instance = from_bus_name(bus_name)
+    return (
+        f"cxrctl install --instance {instance.name}"
+        if instance and instance.name
+        else ("cxrctl install")
+    )
 
 
 def check_session_bus(bus: BusFacts) -> Check:
@@ -112,10 +124,10 @@ def check_activation(bus: BusFacts) -> Check:
             "D-Bus activation", "warn", "no session bus to ask", "see the session bus check"
         )
     if bus.activatable:
-        return Check("D-Bus activation", "ok", f"{C.BUS_NAME} starts on demand")
+        return Check("D-Bus activation", "ok", f"{bus.bus_name} starts on demand")
     return Check(
         "D-Bus activation",
         "warn",
-        f"the bus has no activation file for {C.BUS_NAME}: clients cannot start cxrd on demand",
-        "cxrctl install",
+        f"the bus has no activation file for {bus.bus_name}: clients cannot start cxrd on demand",
+        install_command(bus.bus_name),
     )

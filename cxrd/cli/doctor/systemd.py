@@ -50,21 +50,21 @@ def check_user_manager() -> Check:
     return Check("user manager", "warn", f"no systemd user manager: {reason}", fix)
 
 
-def check_unit() -> Check:
+def check_unit(unit: str = C.UNIT_NAME) -> Check:
     result = _systemctl(
-        "show", C.UNIT_NAME, "--property=LoadState,FragmentPath,NeedDaemonReload,ActiveState"
+        "show", unit, "--property=LoadState,FragmentPath,NeedDaemonReload,ActiveState"
     )
     if result is None or result.returncode != 0:
-        path = _find_unit_file()
+        path = _find_unit_file(C.UNIT_TEMPLATE if "@" in unit else C.UNIT_NAME)
         if path is None:
-            return Check("unit", "fail", f"{C.UNIT_NAME} is not installed", "cxrctl install")
+            return Check("unit", "fail", f"{unit} is not installed", "cxrctl install")
         return _unit_currency(path, "(user manager not reachable)")
     props = dict(line.partition("=")[::2] for line in result.stdout.splitlines())
     if props.get("LoadState") != "loaded":
         return Check(
             "unit",
             "fail",
-            f"{C.UNIT_NAME} is {props.get('LoadState') or 'unknown'}",
+            f"{unit} is {props.get('LoadState') or 'unknown'}",
             "cxrctl install (then it loads at once)",
         )
     if props.get("NeedDaemonReload") == "yes":
@@ -77,15 +77,15 @@ def check_unit() -> Check:
     return _unit_currency(Path(props["FragmentPath"]), props.get("ActiveState", ""))
 
 
-def _find_unit_file() -> Path | None:
+def _find_unit_file(name: str) -> Path | None:
     """Where ``cxrctl install`` (for this user, /usr/local or /usr) or an admin put the unit."""
     from cxrd.cli.install import Layout
 
     for path in (
-        Layout.for_prefix(None).unit,
-        Path("/etc/systemd/user") / C.UNIT_NAME,
-        Layout.for_prefix(Path("/usr/local")).unit,
-        Layout.for_prefix(Path("/usr")).unit,
+        Layout.for_prefix(None).unit.with_name(name),
+        Path("/etc/systemd/user") / name,
+        Layout.for_prefix(Path("/usr/local")).unit.with_name(name),
+        Layout.for_prefix(Path("/usr")).unit.with_name(name),
     ):
         if path.is_file():
             return path
