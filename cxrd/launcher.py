@@ -31,10 +31,12 @@ from typing import Any
 
 from cxrd import constants as C
 from cxrd.client import CloudXRClient
-from cxrd.config import parse_env_file
+from cxrd import instances
+from cxrd.config import load_config, parse_env_file
 from cxrd.core.snapshot import Snapshot
 from cxrd.core.states import State
 from cxrd.errors import CxrdError, NotRunning, ProfileMismatch
+from cxrd.instances import Instance
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,17 @@ class NoopContext:
         pass
 
 
+def serving_instance(install_path: Path) -> Instance:
+    """The instance whose install dir is ``install_path`` (``~/.cloudxr-left``: ``left``)."""
+    dirs = {}
+    for instance in instances.configured():
+        try:
+            dirs[instance] = load_config(instance=instance.name).install_path
+        except CxrdError:
+            continue
+    return instances.for_install_dir(install_path, dirs)
+
+
 class CloudXRLauncher:
     """Attach to (starting if needed) the CloudXR runtime cxrd serves."""
 
@@ -90,6 +103,7 @@ class CloudXRLauncher:
         *,
         bus_address: str | None = None,
         timeout: float | None = None,
+        instance: str | None = None,
     ) -> None:
         if start_wss_proxy is not None:
             message = "start_wss_proxy is deprecated and does nothing; cxrd always runs the proxy"
@@ -120,7 +134,10 @@ class CloudXRLauncher:
             if not eula.is_accepted(self._install_path):
                 eula.accept(self._install_path)
         try:
-            self._client = CloudXRClient(bus_address)
+            if instance is None:
+                # The unnamed instance's dir: $CXRD_INSTANCE may still pick another.
+                instance = serving_instance(self._install_path).name or None
+            self._client = CloudXRClient(bus_address, instance=instance)
         except CxrdError as err:
             raise _runtime_error(err) from err
         try:

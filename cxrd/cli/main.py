@@ -18,6 +18,7 @@ from typing import Any
 
 from cxrd import __version__
 from cxrd.cli.common import Out
+from cxrd.cli.instances import cmd_instances
 from cxrd.cli.lifecycle import cmd_restart, cmd_start, cmd_stop, cmd_wait
 from cxrd.cli.logs import cmd_logs
 from cxrd.cli.setup_commands import cmd_accept_eula, cmd_doctor, cmd_install, cmd_uninstall
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     p = add("status", cmd_status, "show the daemon's state; never starts it")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("instances", cmd_instances, "list every configured or running instance")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("start", cmd_start, "start the runtime (activating the daemon) and wait until ready")

@@ -34,7 +34,7 @@ from cxrd.errors import (
     Timeout,
     error_for_dbus_name,
 )
-from cxrd.instances import Instance
+from cxrd.instances import Instance, from_bus_name
 
 CALL_TIMEOUT = 25.0  # seconds for a call that does not wait on the runtime (libdbus's default)
 START_TIMEOUT = 300.0  # a Start without a timeout of its own still ends some day
@@ -223,6 +223,12 @@ class AsyncCloudXRClient:
         except NotRunning:
             return False
         return True
+
+    async def running_instances(self) -> list[Instance]:
+        """Every cxrd instance on this bus now (any instance, not only this client's)."""
+        (names,) = await self._driver("ListNames")
+        found = {from_bus_name(str(name)) for name in names}
+        return sorted(instance for instance in found if instance is not None)
 
     async def get_property(self, name: str) -> Any:
         (value,) = await self._call("Get", "ss", [INTERFACE, name], interface=PROPERTIES)
