@@ -30,8 +30,8 @@ from types import TracebackType
 from typing import Any
 
 from cxrd import constants as C
-from cxrd.client import CloudXRClient
 from cxrd import instances
+from cxrd.client import CloudXRClient
 from cxrd.config import load_config, parse_env_file
 from cxrd.core.snapshot import Snapshot
 from cxrd.core.states import State

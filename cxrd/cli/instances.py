@@ -51,7 +51,9 @@ def cmd_instances(args: argparse.Namespace) -> int:
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
-        out.line("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+        out.line(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
     return 0
 
 
