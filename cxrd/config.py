@@ -417,13 +417,13 @@ def _check_semantics(config: Config) -> None:
     if config.restart.max_restarts < 0:
         raise InvalidConfig(f"{src}: restart.max_restarts: must be 0 or more")
     ports = {
-        "proxy.port": config.proxy.port,
-        "runtime.signaling_port": rt.signaling_port,
-        "runtime.media_port": rt.media_port,
+        "proxy.port": (config.proxy.port, "TCP"),
+        "runtime.signaling_port": (rt.signaling_port, "TCP"),
+        "runtime.media_port": (rt.media_port, "UDP"),
     }
-    for key, port in ports.items():
+    for key, (port, kind) in ports.items():
         if not 0 < port < 65536:
-            raise InvalidConfig(f"{src}: {key}: {port} is not a port (1-65535)")
+            raise InvalidConfig(f"{src}: {key}: {port} is not a {kind} port (1-65535)")
     if config.proxy.enabled and config.proxy.port == rt.signaling_port:
         raise InvalidConfig(
             f"{src}: proxy.port: {config.proxy.port} is also runtime.signaling_port; "

@@ -49,10 +49,13 @@ def runtime_environment(config: Config, device_profile: str) -> dict[str, str]:
         except ValueError as exc:
             raise InvalidConfig(f"{config.source}: runtime.env.{exc}") from None
         env[key] = value
-    env[C.SERVER_PORT_ENV] = str(config.runtime.signaling_port)
-    env[C.MEDIA_PORT_ENV] = str(config.runtime.media_port)
-    if config.runtime.gpu is not None:
-        env[C.GPU_CUDA_ENV] = str(config.runtime.gpu)
+    defaults = {
+        C.SERVER_PORT_ENV: str(C.DEFAULT_BACKEND_PORT),
+        C.MEDIA_PORT_ENV: str(C.DEFAULT_MEDIA_PORT),
+    }
+    for key, value in pinned_env(config).items():
+        if defaults.get(key) != value:  # the runtime's own defaults: as isaacteleop, unset
+            env[key] = value
     computed = computed_env(config.install_path)
     for key, value in computed.items():
         try:
@@ -60,6 +63,17 @@ def runtime_environment(config: Config, device_profile: str) -> dict[str, str]:
         except ValueError as exc:
             raise InvalidConfig(f"{config.source}: install_dir: {exc}") from None
     env.update(computed)
+    return env
+
+
+def pinned_env(config: Config) -> dict[str, str]:
+    """The ports and GPU the runtime gets from the settings, whatever cxrd's environment says."""
+    env = {
+        C.SERVER_PORT_ENV: str(config.runtime.signaling_port),
+        C.MEDIA_PORT_ENV: str(config.runtime.media_port),
+    }
+    if config.runtime.gpu is not None:
+        env[C.GPU_CUDA_ENV] = str(config.runtime.gpu)
     return env
 
 
@@ -90,7 +104,7 @@ def build_launch(
     spec = ChildSpec(
         name="runtime",
         argv=argv,
-        env=child_env(environment, extras),
+        env=child_env(environment, {**pinned_env(config), **extras}),
         stderr=stderr_log,
     )
     return RuntimeLaunch(

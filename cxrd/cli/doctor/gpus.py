@@ -21,6 +21,7 @@ from cxrd.instances import Instance
 
 PROC_GPUS = Path("/proc/driver/nvidia/gpus")
 _SMI_LINE = re.compile(r"^GPU (\d+): (.*)$")
+_DRIVER_FIX = "install and load the NVIDIA driver (nvidia-smi -L should list the GPUs)"
 
 
 def list_gpus() -> list[str]:
@@ -76,7 +77,7 @@ def check_gpus(config: Config) -> Check:
             f"instance {me!r}: runtime.gpu = {gpu}, but there are {len(gpus)} GPU(s) ({listing})",
             f"set runtime.gpu in {config.source} to one of 0..{len(gpus) - 1}"
             if gpus
-            else "install and load the NVIDIA driver (nvidia-smi -L should list the GPUs)",
+            else _DRIVER_FIX,
         )
     sharing = sorted(
         other.label for other, theirs in _other_gpus(config) if gpu is not None and theirs == gpu
@@ -89,7 +90,9 @@ def check_gpus(config: Config) -> Check:
             "give each instance its own runtime.gpu",
         )
     pinned = f"instance {me!r} uses GPU {gpu}" if gpu is not None else "runtime.gpu is not set"
-    return Check("GPUs", "ok" if gpus else "warn", f"{pinned}; GPUs: {listing}")
+    if not gpus:
+        return Check("GPUs", "warn", f"{pinned}; GPUs: {listing}", _DRIVER_FIX)
+    return Check("GPUs", "ok", f"{pinned}; GPUs: {listing}")
 
 
 def _other_gpus(config: Config) -> list[tuple[Instance, int | None]]:
