@@ -31,9 +31,9 @@ from cxrd.system import eula
 def make_config(tmp_path: Path, backend: str = "sim", **proxy: object) -> Config:
     return Config(
         install_dir=str(tmp_path / "cloudxr"),
-        runtime=RuntimeConfig(backend=backend),
+        runtime=RuntimeConfig(backend=backend, signaling_port=free_port()),
         proxy=dataclasses.replace(
-            ProxyConfig(port=free_port(), backend_port=free_port()),
+            ProxyConfig(port=free_port()),
             **proxy,  # type: ignore[arg-type]
         ),
     )

@@ -23,12 +23,9 @@ from cxrd.system.envfile import read_env_file
 
 def ports_of(config: Config) -> dict[int, str]:
     """Port -> what it is for, of one instance's config."""
-    ports = {
-        config.runtime.signaling_port: "signaling port",
-        config.runtime.media_port: "media port",
-    }
-    if config.proxy.enabled:
-        ports[config.proxy.port] = "proxy port"
+    ports = {config.proxy.port: "proxy port"} if config.proxy.enabled else {}
+    ports[config.runtime.signaling_port] = "signaling port"
+    ports[config.runtime.media_port] = "media port"
     return ports
 
 
