@@ -636,12 +636,13 @@ PARENT = textwrap.dedent(
     """
     import os, subprocess, sys, time
     from pathlib import Path
-    from cxrd.config import Config, ProxyConfig
+    from cxrd.config import Config, ProxyConfig, RuntimeConfig
     from cxrd.proxy.launch import prepare_proxy
 
     config = Config(
         install_dir=sys.argv[1],
-        proxy=ProxyConfig(host="127.0.0.1", port=int(sys.argv[2]), backend_port=int(sys.argv[3])),
+        runtime=RuntimeConfig(signaling_port=int(sys.argv[3])),
+        proxy=ProxyConfig(host="127.0.0.1", port=int(sys.argv[2])),
     )
     launch = prepare_proxy(config)
     read_end, write_end = os.pipe()

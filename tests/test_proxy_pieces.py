@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from support import TIMEOUT, free_port
 
-from cxrd.config import Config, ProxyConfig
+from cxrd.config import Config, ProxyConfig, RuntimeConfig
 from cxrd.errors import StartFailed
 from cxrd.proxy import frames as F
 from cxrd.proxy.certs import ensure_certificate, generate_pair, validate_pair
@@ -186,7 +186,8 @@ def test_prepare_proxy_makes_a_certificate_binds_and_describes_the_child(tmp_pat
     port = free_port()
     config = Config(
         install_dir=str(tmp_path),
-        proxy=ProxyConfig(host="127.0.0.1", port=port, backend_port=40123, max_connections=7),
+        runtime=RuntimeConfig(signaling_port=40123),  # where the proxy forwards
+        proxy=ProxyConfig(host="127.0.0.1", port=port, max_connections=7),
     )
     launch = prepare_proxy(config)
     try:
