@@ -277,3 +277,15 @@ def test_a_failure_queued_right_behind_the_first_start_ends_it_cleanly(h: Harnes
     assert code == AlreadyServing.exit_code
     assert h.sup.state is State.FAILED and h.world.live == []
     assert isinstance(launch.exception(), AlreadyServing)
+
+
+def test_a_runtime_that_dies_after_ready_during_the_first_start_is_a_crash(h: Harness) -> None:
+    h.call(h.sup.launch)
+    h.ready("runtime")  # the sentinel is there; the proxy is still coming up
+    h.crash("runtime")
+    assert h.sup.state is State.STARTING and h.sup._failure is None
+    assert h.states()[0] is ChildState.BACKOFF
+    h.settle(0.05)
+    h.ready("runtime")
+    h.ready("proxy")
+    assert h.sup.state is State.READY and h.sup.snapshot().runtime.restarts == 1

@@ -264,7 +264,7 @@ class Runner:
             self._after_stopped(child)
             return
         child.set(ChildState.EXITED, str(error))
-        self._died(child, error)
+        self._died(child, error, ready_once=False)
 
     def _on_ready(self, child: Child) -> None:
         child.worker = None
@@ -332,11 +332,15 @@ class Runner:
         before = " before it was ready" if child.state is ChildState.STARTING else ""
         child.set(ChildState.EXITED, words)
         text = f"the {child.name} {as_verb(words)}{before}" + (f": {line}" if line else "")
-        self._died(child, StartFailed(text, detail=detail))
+        self._died(child, StartFailed(text, detail=detail), ready_once=not before)
 
-    def _died(self, child: Child, err: CxrdError) -> None:
-        """A child ended without being asked: the first start failed, or a crash to recover."""
-        if child.in_run and not self._was_ready:
+    def _died(self, child: Child, err: CxrdError, *, ready_once: bool) -> None:
+        """A child ended without being asked: the first start failed, or a crash to recover.
+
+        Only a child that never got ready fails the first start; one that was
+        ready and then died is a crash, whatever the other child is doing.
+        """
+        if child.in_run and not self._was_ready and not ready_once:
             self._fail(err)
         else:
             self._crashed(child, str(err), err.detail)
