@@ -36,6 +36,7 @@ _ENV_SETTINGS = {
     C.GPU_CUDA_ENV: "gpu",
 }
 log = logging.getLogger(__name__)
+BUS_MODES = ("auto", "session", "none")
 _T = typing.TypeVar("_T")
 
 
@@ -49,6 +50,7 @@ class SimConfig:
     crash_after: float | None = None
     ignore_sigterm: bool = False
     spawn_grandchild: bool = False
+    orphan_grandchild: bool = False  # a grandchild whose parent exits: re-parented, then dies
     flood_stderr: int = 0
 
 
@@ -92,13 +94,25 @@ class RestartConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    listen: str = ""  # "host:port" for /livez, /readyz, /metrics; "" serves none
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to listen on; None when the endpoints are off."""
+        return parse_listen(self.listen) if self.listen else None
+
+
+@dataclass(frozen=True)
 class Config:
     install_dir: str = C.DEFAULT_INSTALL_DIR
+    bus: str = "auto"  # "auto": the session bus if reachable; "session": required; "none"
     stop_when_idle: bool = False
     idle_grace: float = 30.0
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     restart: RestartConfig = field(default_factory=RestartConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     source: str = field(default="(defaults)", compare=False)
     instance: str = field(default="", compare=False)  # "" is the unnamed instance
 
@@ -123,6 +137,20 @@ def check_device_profile(profile: str) -> None:
     """A profile is one word; the runtime sees it verbatim. InvalidArgs if not."""
     if not profile or not profile.isprintable() or any(ch.isspace() for ch in profile):
         raise InvalidArgs(f"device_profile {profile!r}: expected one word such as Quest3")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) as (host, port); ValueError saying what is wrong."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r}: expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:8080")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{text!r}: {port_text!r} is not a TCP port (1-65535)")
+    return host, int(port_text)
 
 
 def load_config(
@@ -446,6 +474,12 @@ def _check_semantics(config: Config) -> None:
             f"than a Unix socket path may be ({MAX_SOCKET_PATH}); use an install_dir of at "
             f"most {longest} bytes"
         )
+    if config.bus not in BUS_MODES:
+        raise InvalidConfig(f"{src}: bus: {config.bus!r} is not one of {', '.join(BUS_MODES)}")
+    try:
+        _ = config.health.address
+    except ValueError as exc:
+        raise InvalidConfig(f"{src}: health.listen: {exc}") from None
     if (config.proxy.cert is None) != (config.proxy.key is None):
         raise InvalidConfig(f"{src}: proxy.cert, proxy.key: give both or neither")
 

@@ -19,17 +19,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxrd import __version__
-from cxrd.config import BACKENDS, Config, load_config
+from cxrd.config import BACKENDS, BUS_MODES, Config, load_config
 from cxrd.core.supervisor import Supervisor
 from cxrd.errors import AlreadyServing, CxrdError, InvalidConfig, StartFailed
 from cxrd.instances import Instance
+from cxrd.system import eula
 from cxrd.system.host import SystemHost, SystemReadiness
 from cxrd.system.notify import SdNotifier
 from cxrd.system.process import ProcessLauncher
+from cxrd.system.reaper import OrphanReaper, is_init
 from cxrd.system.rundir import InstallLock
 
 if TYPE_CHECKING:
     from cxrd.dbus.service import DBusService
+    from cxrd.health.server import HealthServer
 
 log = logging.getLogger("cxrd")
 
@@ -105,6 +108,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--env-file", type=Path, help="isaacteleop-style KEY=value overrides for the runtime"
     )
+    p.add_argument(
+        "--bus",
+        choices=BUS_MODES,
+        help="the session bus: auto (if reachable), session (required), none (bus; default auto)",
+    )
+    p.add_argument(
+        "--health-listen",
+        metavar="HOST:PORT",
+        help="serve /livez, /readyz, /metrics there (health.listen; default off)",
+    )
+    p.add_argument(
+        "--accept-eula",
+        action="store_true",
+        help=f"accept the NVIDIA CloudXR EULA ({eula.EULA_URL}); also {ACCEPT_EULA_ENV}=1",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     p.add_argument("--version", action="version", version=f"cxrd {__version__}")
     return p.parse_args(argv)
@@ -120,7 +138,26 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         "runtime.media_port": args.media_port,
         "runtime.gpu": args.gpu,
         "proxy.enabled": False if args.no_proxy else None,
+        "bus": args.bus,
+        "health.listen": args.health_listen,
     }
+
+
+ACCEPT_EULA_ENV = "CXRD_ACCEPT_EULA"
+_YES = frozenset({"1", "true", "yes", "on"})
+_NO = frozenset({"", "0", "false", "no", "off"})
+
+
+def eula_accepted_by(args: argparse.Namespace) -> str | None:
+    """What accepts the EULA for this start (the flag or the variable), or None."""
+    if args.accept_eula:
+        return "--accept-eula"
+    raw = os.environ.get(ACCEPT_EULA_ENV, "")
+    if raw.strip().lower() in _YES:
+        return f"{ACCEPT_EULA_ENV}={raw}"
+    if raw.strip().lower() in _NO:
+        return None
+    raise InvalidConfig(f"{ACCEPT_EULA_ENV}={raw!r}: expected 1 to accept the EULA, or 0")
 
 
 def read_config(args: argparse.Namespace) -> Config:
@@ -137,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose + 1)
     try:
         config = read_config(args)
+        eula_accepted_by(args)
     except InvalidConfig as err:
         log.error("%s", err)
         SdNotifier().notify(f"STATUS=Invalid configuration: {err}")
@@ -160,7 +198,15 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         log.error("%s", err)
         notifier.notify(f"STATUS=Not started: {err}")
         return err.exit_code
-    launcher = ProcessLauncher()
+    loop = asyncio.get_running_loop()
+    reaper: OrphanReaper | None = None
+    if is_init():
+        # The first process of a PID namespace: every orphan's zombie is ours.
+        reaper = OrphanReaper()
+        reaper.start()
+        log.info("running as PID 1: reaping orphaned processes")
+    _accept_eula(config, args)
+    launcher = ProcessLauncher(reaper)
     supervisor = Supervisor(
         config,
         launcher=launcher,
@@ -168,7 +214,6 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         readiness=SystemReadiness(),
         host=SystemHost(),
     )
-    loop = asyncio.get_running_loop()
     background: set[asyncio.Task[Any]] = set()
 
     def spawn(coro: Any) -> None:
@@ -182,7 +227,7 @@ async def run(config: Config, args: argparse.Namespace) -> int:
     spawn(_launch(supervisor))
     loop.add_signal_handler(signal.SIGTERM, supervisor.request_stop, "SIGTERM received")
     loop.add_signal_handler(signal.SIGINT, supervisor.request_stop, "SIGINT received")
-    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(_reload(supervisor, args)))
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(_reload(supervisor, config, args)))
     if os.environ.get("CXRD_TEST_HOOKS") == "1":
         # Test hook for the watchdog: a wedged event loop.
         loop.add_signal_handler(signal.SIGUSR2, time.sleep, 3600)
@@ -190,13 +235,13 @@ async def run(config: Config, args: argparse.Namespace) -> int:
     if interval is not None:
         spawn(_watchdog(notifier, interval))
     service: DBusService | None = None
+    health: HealthServer | None = None
     try:
         try:
-            service = await _serve_bus(supervisor, Instance(config.instance).bus_name)
-        except AlreadyServing as err:
+            health = await _serve_health(config, supervisor, reaper)
+            service = await _serve_bus(supervisor, config.bus, Instance(config.instance).bus_name)
+        except (AlreadyServing, StartFailed) as err:
             supervisor.fail(err)
-        except StartFailed as err:
-            log.error("%s; running without D-Bus", err)
         if service is not None:
             spawn(_stop_when_bus_lost(supervisor, service))
         code = await controller
@@ -211,8 +256,21 @@ async def run(config: Config, args: argparse.Namespace) -> int:
                 await controller
         if service is not None:
             await service.close()
+        if health is not None:
+            health.close()
+            await health.wait_closed()
         launcher.close()
+        if reaper is not None:
+            await reaper.end()
         lock.release()
+
+
+def _accept_eula(config: Config, args: argparse.Namespace) -> None:
+    by = eula_accepted_by(args)
+    if by is None:
+        return
+    marker = eula.accept(config.install_path)
+    log.info("NVIDIA CloudXR EULA (%s) accepted by %s: wrote %s", eula.EULA_URL, by, marker)
 
 
 async def _stop_when_bus_lost(supervisor: Supervisor, service: DBusService) -> None:
@@ -227,11 +285,22 @@ async def _launch(supervisor: Supervisor) -> None:
         await supervisor.launch()
 
 
-async def _reload(supervisor: Supervisor, args: argparse.Namespace) -> None:
+async def _reload(supervisor: Supervisor, config: Config, args: argparse.Namespace) -> None:
     log.info("SIGHUP: re-reading the configuration")
+
+    def read() -> Config:
+        new = read_config(args)
+        for key, old_value, new_value in (
+            ("bus", config.bus, new.bus),
+            ("health.listen", config.health.listen, new.health.listen),
+        ):
+            if old_value != new_value:
+                log.warning("%s: %s changed; it takes effect at the next start", new.source, key)
+        return new
+
     # Applied or refused, the supervisor logs it and tells systemd (READY=1).
     with contextlib.suppress(CxrdError):
-        await supervisor.reload(lambda: read_config(args))
+        await supervisor.reload(read)
 
 
 async def _watchdog(notifier: SdNotifier, interval: float) -> None:
@@ -240,16 +309,50 @@ async def _watchdog(notifier: SdNotifier, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def _serve_bus(supervisor: Supervisor, bus_name: str) -> DBusService | None:
+async def _serve_health(
+    config: Config, supervisor: Supervisor, reaper: OrphanReaper | None
+) -> HealthServer | None:
+    address = config.health.address
+    if address is None:
+        return None
+    # Imported here, like D-Bus: prometheus_client loads only when asked for.
+    from cxrd.health.server import HealthServer
+
+    server = HealthServer(supervisor, reaped=(lambda: reaper.reaped) if reaper else None)
+    await server.listen(*address)
+    return server
+
+
+async def _serve_bus(supervisor: Supervisor, mode: str, bus_name: str) -> DBusService | None:
+    """The D-Bus surface, as ``bus`` says: auto, session (required) or none."""
+    if mode == "none":
+        log.info("bus = none: not connecting to D-Bus (cxrctl status reads the health endpoint)")
+        return None
     # Imported here: dbus-fast loads while the runtime is already coming up.
     from cxrd.dbus.connection import session_bus_address
     from cxrd.dbus.service import serve_dbus
 
     address = session_bus_address()
     if address is None:
-        log.warning("no session bus: running without D-Bus (cxrctl and clients cannot reach us)")
+        where = "DBUS_SESSION_BUS_ADDRESS is unset and there is no $XDG_RUNTIME_DIR/bus"
+        if mode == "session":
+            raise StartFailed(
+                f"bus = session: there is no session bus ({where}); "
+                "run with --bus auto or --bus none to go on without D-Bus"
+            )
+        log.warning(
+            "no session bus (%s): running without D-Bus (bus = auto); "
+            "everything but the D-Bus surface works",
+            where,
+        )
         return None
-    return await serve_dbus(supervisor, bus_address=address, bus_name=bus_name)
+    try:
+        return await serve_dbus(supervisor, bus_address=address, bus_name=bus_name)
+    except StartFailed as err:
+        if mode == "session":
+            raise StartFailed(f"bus = session: {err}") from None
+        log.error("%s; running without D-Bus (bus = auto)", err)
+        return None
 
 
 if __name__ == "__main__":

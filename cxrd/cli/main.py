@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", cmd_status, "show the daemon's state; never starts it")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--health",
+        metavar="URL",
+        help="without D-Bus, ask this health endpoint (http://host:port; default health.listen)",
+    )
 
     p = add("instances", cmd_instances, "list every configured or running instance")
     p.add_argument("--json", action="store_true", help="machine-readable output")

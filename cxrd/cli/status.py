@@ -6,6 +6,11 @@
   1  on the way (starting, restarting, stopping)
   3  not running (the last failure, if any, is shown)
   4  failed (the daemon gave up and is about to exit)
+
+It asks the daemon on D-Bus. A daemon that is not on the bus (``bus =
+none``, or no session bus) is asked through its health endpoint instead
+(``--health URL``, else ``health.listen`` of the config); with neither, the
+run dir's files say what they can. The output says which it used.
 """
 
 from __future__ import annotations
@@ -16,15 +21,20 @@ import json
 import shlex
 import sys
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
+from cxrd import constants as C
 from cxrd.cli.common import Out, config_from_args, instance_from_args, with_client
 from cxrd.client import AsyncCloudXRClient
+from cxrd.config import Config, parse_listen
 from cxrd.core.snapshot import Snapshot
 from cxrd.core.states import State
-from cxrd.errors import CxrdError, NotRunning
+from cxrd.dbus.wire import snapshot_from_wire
+from cxrd.errors import CxrdError, InvalidArgs, NotRunning
 from cxrd.instances import Instance
-from cxrd.system.rundir import read_last_error
+from cxrd.system.rundir import live_runtime_pid, read_last_error
 
 EXIT_READY = 0
 EXIT_TRANSITION = 1
@@ -63,23 +73,103 @@ def _duration(seconds: float) -> str:
     return " ".join(parts)
 
 
+HEALTH_TIMEOUT = 5.0  # seconds for the health endpoint to answer
+_MAX_BODY = 1 << 20
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     async def ask(client: AsyncCloudXRClient) -> int:
         snap = await client.status()
-        _print_status(snap, args.json)
+        _print_status(snap, args.json, "dbus")
         return _STATUS_EXIT.get(snap.state, EXIT_TRANSITION)
 
     try:
         return with_client(args, ask)
     except NotRunning as err:
-        _print_down(args, str(err))
-        return EXIT_NOT_RUNNING
+        return _status_without_bus(args, str(err))
 
 
-def _print_status(snap: Snapshot, as_json: bool) -> None:
+def _status_without_bus(args: argparse.Namespace, why: str) -> int:
+    """The daemon is not on the bus: its health endpoint, else the run dir's files."""
+    config: Config | None = None
+    note = ""
+    try:
+        config = config_from_args(args)
+    except CxrdError as err:
+        note = f"(cannot read the config: {err})"
+    url = args.health
+    if url is None and config is not None and config.health.listen:
+        url = config.health.listen
+    if url is not None:
+        url = readyz_url(url)
+        try:
+            body = fetch_health(url)
+        except OSError as exc:
+            why = f"{why}; the health endpoint {url} did not answer ({_reason(exc)})"
+        else:
+            snap = snapshot_from_wire(body)
+            if config is not None:
+                env_file = str(config.run_dir / C.ENV_FILE)
+                snap = dataclasses.replace(
+                    snap, install_dir=str(config.install_path), env_file=env_file
+                )
+            _print_status(snap, args.json, "health", url, str(body.get("reason", "")))
+            return _STATUS_EXIT.get(snap.state, EXIT_TRANSITION)
+    _print_down(args, why, config, note)
+    return EXIT_NOT_RUNNING
+
+
+def readyz_url(given: str) -> str:
+    """``http://host:port[/readyz]`` or ``host:port`` (a wildcard host means this machine)."""
+    text = given.strip()
+    if "://" not in text:
+        try:
+            host, port = parse_listen(text)
+        except ValueError as exc:
+            raise InvalidArgs(f"--health {exc}") from None
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        text = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    elif not text.startswith(("http://", "https://")):
+        raise InvalidArgs(f"--health {given!r}: expected http://host:port or host:port")
+    base = text.rstrip("/")
+    return base if base.endswith("/readyz") else base + "/readyz"
+
+
+def fetch_health(url: str) -> dict[str, Any]:
+    """``/readyz``'s JSON body; a 503 is an answer too. OSError when nothing answers."""
+    # No proxy from the environment: the endpoint is the daemon's own.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=HEALTH_TIMEOUT) as reply:
+            data = reply.read(_MAX_BODY)
+    except urllib.error.HTTPError as err:
+        if err.code != 503:
+            raise OSError(f"HTTP {err.code} {err.reason}") from None
+        data = err.read(_MAX_BODY)
+    try:
+        body = json.loads(data)
+    except ValueError:
+        raise OSError("the answer is not JSON") from None
+    if not isinstance(body, dict) or "state" not in body:
+        raise OSError("the answer is not a cxrd health report")
+    return body
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        return str(exc.reason)
+    return str(exc)
+
+
+def _print_status(
+    snap: Snapshot, as_json: bool, source: str, url: str = "", reason: str = ""
+) -> None:
     out = Out(sys.stdout)
     if as_json:
-        out.line(json.dumps(_snapshot_json(snap), indent=2, sort_keys=True))
+        data = {**_snapshot_json(snap), "source": source}
+        if source == "health":
+            data.update(health_url=url, reason=reason)
+        out.line(json.dumps(data, indent=2, sort_keys=True))
         return
     dot = out.paint("●", _STATE_COLOR.get(snap.state, "0"))
     state = out.paint(str(snap.state), "1;" + _STATE_COLOR.get(snap.state, "0"))
@@ -90,12 +180,18 @@ def _print_status(snap: Snapshot, as_json: bool) -> None:
     )
     out.line(f"{dot} cxrd {snap.version} — {state} ({backend})")
     rows: list[tuple[str, str]] = [("Instance", Instance(snap.instance).label)]
+    if source == "health":
+        rows.append(("Via", f"health endpoint {url} (the daemon is not on D-Bus)"))
+        if reason:
+            rows.append(("Why", reason))
     if snap.runtime.pid:
         up = time.time() - snap.runtime.started_at if snap.runtime.started_at else 0.0
         rows.append(("Runtime", f"pid {snap.runtime.pid}, up {_duration(up)}"))
     else:
         rows.append(("Runtime", _child_down(snap.runtime.state)))
     rows.append(("Restarts", str(snap.runtime.restarts)))
+    if snap.last_start_seconds:
+        rows.append(("Last start", f"ready in {snap.last_start_seconds:.2f} s"))
     if snap.runtime.last_exit:
         rows.append(("Last exit", snap.runtime.last_exit))
     if snap.proxy.url or snap.proxy.pid:
@@ -140,27 +236,37 @@ def _snapshot_json(snap: Snapshot) -> dict[str, Any]:
     return {"running": True, **dataclasses.asdict(snap)}
 
 
-def _print_down(args: argparse.Namespace, why: str) -> None:
+def _print_down(args: argparse.Namespace, why: str, config: Config | None, note: str) -> None:
     out = Out(sys.stdout)
     last: dict[str, object] | None = None
-    note = ""
-    try:
-        config = config_from_args(args)
-    except CxrdError as err:
-        note = f"(cannot read the config to find the last error: {err})"
-    else:
+    live: int | None = None
+    if config is not None:
         last = read_last_error(config.run_dir)
+        try:
+            live = live_runtime_pid(config.run_dir)
+        except CxrdError:
+            live = None
     if args.json:
-        out.line(
-            json.dumps(
-                {"running": False, "state": "inactive", "detail": why, "last_error": last},
-                indent=2,
-                sort_keys=True,
-            )
-        )
+        data = {
+            "running": False,
+            "state": "inactive",
+            "detail": why,
+            "last_error": last,
+            "source": "run_dir",
+            "runtime_live": live is not None,
+        }
+        out.line(json.dumps(data, indent=2, sort_keys=True))
         return
     label = instance_from_args(args).label
     out.line(f"{out.paint('○', '90')} cxrd ({label}) — {out.paint('inactive', '1')} (not running)")
+    if config is not None:
+        out.line(f"  Via: the run dir's files in {config.run_dir} ({why})")
+        if live is not None:
+            pid = f"pid {live}" if live else "pid unknown"
+            out.line(
+                f"  A runtime answers on {config.run_dir / C.IPC_SOCKET} ({pid}), but no cxrd "
+                "could be asked: set health.listen, or pass --health URL"
+            )
     if last is not None:
         out.line(
             f"  Last failure ({last.get('when', '?')}): {out.paint(str(last.get('error')), '31')}"

@@ -60,3 +60,5 @@ class Snapshot:
     gpu: int = -1  # runtime.gpu, the CUDA device index; -1: not pinned
     signaling_port: int = 0  # runtime.signaling_port (TCP), where the proxy forwards
     media_port: int = 0  # runtime.media_port (UDP)
+    ready_since: float = 0.0  # Unix time the daemon became ready; 0 while it is not
+    last_start_seconds: float = 0.0  # starting/restarting -> ready, the latest; 0 before one

@@ -78,6 +78,9 @@ class Supervisor(Operations):
         self._idle_token = 0
         self._claimed = False  # a client has used the runtime: its profile is no longer free
         self._extender: asyncio.TimerHandle | None = None
+        self._coming_up_at: float | None = None  # clock() on entering starting/restarting
+        self._ready_since = 0.0
+        self._last_start_seconds = 0.0
 
     # ---- observation -------------------------------------------------------
 
@@ -132,6 +135,8 @@ class Supervisor(Operations):
             gpu=self._config.runtime.gpu if self._config.runtime.gpu is not None else -1,
             signaling_port=self._config.runtime.signaling_port,
             media_port=self._config.runtime.media_port,
+            ready_since=self._ready_since,
+            last_start_seconds=self._last_start_seconds,
         )
 
     def _emit(self, event: Event) -> None:
@@ -368,6 +373,7 @@ class Supervisor(Operations):
             check_transition(old, new)
             self._state = new
             log.info("%s -> %s: %s", old, new, reason)
+            self._time_readiness(old, new)
             self._extend_while_starting()
         line = f"STATUS={DESCRIPTIONS[new]}" + (f": {reason}" if reason else "")
         if new is State.READY and self._proxy.state not in (ChildState.RUNNING, ChildState.STOPPED):
@@ -382,6 +388,20 @@ class Supervisor(Operations):
             self._emit(StateChanged(new, old, reason))
             self._answer_start_waiters()
         self._emit(Updated())
+
+    def _time_readiness(self, old: State, new: State) -> None:
+        coming_up = (State.STARTING, State.RESTARTING)
+        if new in coming_up and old not in coming_up:
+            self._coming_up_at = self._clock()
+        elif new is State.READY:
+            self._ready_since = time.time()
+            if self._coming_up_at is not None:
+                self._last_start_seconds = self._clock() - self._coming_up_at
+                self._coming_up_at = None
+        if old is State.READY:
+            self._ready_since = 0.0
+        if new not in (*coming_up, State.READY):
+            self._coming_up_at = None
 
     def _extend_while_starting(self) -> None:
         """While starting, keep pushing systemd's start timeout ahead."""

@@ -110,6 +110,8 @@ def snapshot_to_wire(snap: Snapshot) -> dict[str, Variant]:
         "gpu": Variant("i", int(snap.gpu)),
         "signaling_port": Variant("u", _u32(snap.signaling_port)),
         "media_port": Variant("u", _u32(snap.media_port)),
+        "ready_since": Variant("d", float(snap.ready_since)),
+        "last_start_seconds": Variant("d", float(snap.last_start_seconds)),
     }
 
 
@@ -168,6 +170,8 @@ def snapshot_from_wire(data: Mapping[str, Any]) -> Snapshot:
         gpu=_get(data, "gpu", int, -1),
         signaling_port=_get(data, "signaling_port", int, 0),
         media_port=_get(data, "media_port", int, 0),
+        ready_since=_get(data, "ready_since", float, 0.0),
+        last_start_seconds=_get(data, "last_start_seconds", float, 0.0),
     )
 
 

@@ -34,6 +34,8 @@ def fault_env(sim: SimConfig) -> dict[str, str]:
         env[F.IGNORE_SIGTERM] = "1"
     if sim.spawn_grandchild:
         env[F.SPAWN_GRANDCHILD] = "1"
+    if sim.orphan_grandchild:
+        env[F.ORPHAN_GRANDCHILD] = "1"
     if sim.flood_stderr:
         env[F.FLOOD_STDERR] = str(sim.flood_stderr)
     return env

@@ -24,6 +24,7 @@ NEVER_READY: Final = "CXRD_SIM_NEVER_READY"
 CRASH_AFTER: Final = "CXRD_SIM_CRASH_AFTER"
 IGNORE_SIGTERM: Final = "CXRD_SIM_IGNORE_SIGTERM"
 SPAWN_GRANDCHILD: Final = "CXRD_SIM_SPAWN_GRANDCHILD"
+ORPHAN_GRANDCHILD: Final = "CXRD_SIM_ORPHAN_GRANDCHILD"
 FLOOD_STDERR: Final = "CXRD_SIM_FLOOD_STDERR"
 SIGNALING_PORT: Final = SERVER_PORT_ENV  # the runtime's own variable, as cxrd sets it
 SIGNALING_HOST: Final = "CXRD_SIM_SIGNALING_HOST"
@@ -37,6 +38,7 @@ KNOWN: Final = frozenset(
         CRASH_AFTER,
         IGNORE_SIGTERM,
         SPAWN_GRANDCHILD,
+        ORPHAN_GRANDCHILD,
         FLOOD_STDERR,
         SIGNALING_PORT,
         SIGNALING_HOST,
@@ -45,6 +47,10 @@ KNOWN: Final = frozenset(
 
 #: File in the run dir holding the pid of the grandchild ``SPAWN_GRANDCHILD`` starts.
 GRANDCHILD_PID_FILE: Final = "sim_grandchild.pid"
+#: File in the run dir holding the pid of the orphan ``ORPHAN_GRANDCHILD`` leaves.
+ORPHAN_PID_FILE: Final = "sim_orphan.pid"
+#: How long that orphan lives after its parent has exited: it dies re-parented.
+ORPHAN_LIFETIME: Final = 0.2
 
 DEFAULT_STARTUP_DELAY: Final = 0.0
 DEFAULT_SIGNALING_HOST: Final = "127.0.0.1"
@@ -64,6 +70,7 @@ class Faults:
     crash_after: float | None = None
     ignore_sigterm: bool = False
     spawn_grandchild: bool = False
+    orphan_grandchild: bool = False
     flood_stderr: int = 0
     signaling_host: str = DEFAULT_SIGNALING_HOST
     signaling_port: int = DEFAULT_SIGNALING_PORT
@@ -83,6 +90,8 @@ class Faults:
             on.append("ignore_sigterm")
         if self.spawn_grandchild:
             on.append("spawn_grandchild")
+        if self.orphan_grandchild:
+            on.append("orphan_grandchild")
         if self.flood_stderr:
             on.append(f"flood_stderr={self.flood_stderr}B")
         return ", ".join(on) if on else "none"
@@ -108,6 +117,7 @@ def parse_faults(env: Mapping[str, str]) -> Faults:
         crash_after=crash_after,
         ignore_sigterm=_flag(env, IGNORE_SIGTERM),
         spawn_grandchild=_flag(env, SPAWN_GRANDCHILD),
+        orphan_grandchild=_flag(env, ORPHAN_GRANDCHILD),
         flood_stderr=_optional(env, FLOOD_STDERR, _byte_count) or 0,
         signaling_host=env.get(SIGNALING_HOST) or DEFAULT_SIGNALING_HOST,
         signaling_port=_optional(env, SIGNALING_PORT, _port) or DEFAULT_SIGNALING_PORT,

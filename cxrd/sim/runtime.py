@@ -29,6 +29,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -145,7 +146,7 @@ def main() -> int:
         log.note(f"faults: {faults.describe()}")
         shown = sorted(k for k in os.environ if k.startswith(("NV_", "XR", "CXR_")))
         log.note("environment: " + " ".join(f"{k}={os.environ[k]}" for k in shown))
-        for name in (*C.STALE_RUN_FILES, F.GRANDCHILD_PID_FILE):
+        for name in (*C.STALE_RUN_FILES, F.GRANDCHILD_PID_FILE, F.ORPHAN_PID_FILE):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(paths.run_dir, name))
                 log.note(f"removed stale {name}")
@@ -155,6 +156,9 @@ def main() -> int:
         if faults.spawn_grandchild:
             pid = _spawn_grandchild(paths.run_dir)
             log.note(f"spawned grandchild pid {pid} in my process group")
+        if faults.orphan_grandchild:
+            pid = _leave_orphan(paths.run_dir)
+            log.note(f"left orphan pid {pid} in my process group; it ends in {F.ORPHAN_LIFETIME} s")
         return asyncio.run(_Sim(faults, paths, log, pending).run())
 
 
@@ -181,6 +185,40 @@ def _spawn_grandchild(run_dir: str) -> int:
         finally:
             os._exit(0)
     target = os.path.join(run_dir, F.GRANDCHILD_PID_FILE)
+    with open(target + ".tmp", "w", encoding="ascii") as out:
+        out.write(f"{pid}\n")
+    os.replace(target + ".tmp", target)
+    return pid
+
+
+def _leave_orphan(run_dir: str) -> int:
+    """Double-fork: the middle process exits at once, so its child is re-parented.
+
+    The orphan lives ORPHAN_LIFETIME more, then exits: its zombie is for PID 1
+    (or the nearest subreaper) to reap.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(read_end)
+            orphan = os.fork()
+            if orphan == 0:
+                os.close(write_end)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                time.sleep(F.ORPHAN_LIFETIME)
+            else:
+                os.write(write_end, f"{orphan}\n".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        pid = int(pipe.read())
+    os.waitpid(middle, 0)
+    target = os.path.join(run_dir, F.ORPHAN_PID_FILE)
     with open(target + ".tmp", "w", encoding="ascii") as out:
         out.write(f"{pid}\n")
     os.replace(target + ".tmp", target)

@@ -29,8 +29,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cxrd.errors import StartFailed
+
+if TYPE_CHECKING:
+    from cxrd.system.reaper import OrphanReaper
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +68,19 @@ _POLL_MAX = 0.1
 class Child:
     """A running child process group and how to end it."""
 
-    def __init__(self, spec: ChildSpec, proc: asyncio.subprocess.Process, guard: Guard) -> None:
+    def __init__(
+        self,
+        spec: ChildSpec,
+        proc: asyncio.subprocess.Process,
+        guard: Guard,
+        reaper: OrphanReaper | None = None,
+    ) -> None:
         self.spec = spec
         self.pid = proc.pid
         self.started_at = time.time()
         self._proc = proc
         self._guard = guard
+        self._reaper = reaper
         self._stopping = False
         self._killed_at: float | None = None
         self._gone = asyncio.ensure_future(self._watch())
@@ -111,6 +122,8 @@ class Child:
 
     async def _watch(self) -> int:
         code = await self._proc.wait()
+        if self._reaper is not None:
+            self._reaper.disown(self.pid)
         log.debug("%s (pid %d) %s", self.spec.name, self.pid, describe_exit(code))
         deadline = None
         if not self._stopping and group_alive(self.pid):
@@ -156,15 +169,24 @@ class Child:
 
 
 class ProcessLauncher:
-    """Spawns children in new sessions; the guard kills their groups if cxrd dies."""
+    """Spawns children in new sessions; the guard kills their groups if cxrd dies.
 
-    def __init__(self) -> None:
-        self._guard = Guard()
+    Given a reaper (cxrd is PID 1), it tells it every pid it forks, so that
+    the reaper leaves their exit statuses to their owners.
+    """
+
+    def __init__(self, reaper: OrphanReaper | None = None) -> None:
+        self._reaper = reaper
+        with self._spawning():
+            self._guard = Guard(reaper)
+
+    def _spawning(self) -> contextlib.AbstractContextManager[None]:
+        return self._reaper.spawning() if self._reaper is not None else contextlib.nullcontext()
 
     async def spawn(self, spec: ChildSpec) -> Child:
         env = {k: v for k, v in spec.env.items() if k not in _DAEMON_ONLY_ENV}
         spec.stderr.parent.mkdir(parents=True, exist_ok=True)
-        with open(spec.stderr, "ab") as stderr:
+        with open(spec.stderr, "ab") as stderr, self._spawning():
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *spec.argv,
@@ -177,9 +199,11 @@ class ProcessLauncher:
                 )
             except OSError as exc:
                 raise StartFailed(f"cannot start the {spec.name} ({spec.argv[0]}): {exc}") from None
+            if self._reaper is not None:
+                self._reaper.own(proc.pid)
         self._guard.watch(proc.pid)
         log.info("started %s: pid %d: %s", spec.name, proc.pid, shlex.join(spec.argv))
-        return Child(spec, proc, self._guard)
+        return Child(spec, proc, self._guard, self._reaper)
 
     def close(self) -> None:
         self._guard.close()
@@ -193,7 +217,8 @@ class Guard:
     their grandchildren, which no parent-death signal reaches) running.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reaper: OrphanReaper | None = None) -> None:
+        self._reaper = reaper
         read_end, self._write_end = os.pipe()
         os.set_inheritable(self._write_end, False)
         script = Path(__file__).parent.parent / "data" / "guard.py"
@@ -206,6 +231,8 @@ class Guard:
             )
         finally:
             os.close(read_end)
+        if reaper is not None:
+            reaper.own(self._proc.pid)
 
     def _send(self, line: str) -> None:
         with contextlib.suppress(OSError):
@@ -225,6 +252,8 @@ class Guard:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        if self._reaper is not None:
+            self._reaper.disown(self._proc.pid)
 
 
 async def read_ready_line(fd: int) -> None:
