@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from cxrd.errors import AlreadyServing, CxrdError, InvalidConfig, StartFailed
 from cxrd.instances import Instance
 from cxrd.system import eula
 from cxrd.system.host import SystemHost, SystemReadiness
+from cxrd.system.listeners import bind_listener
 from cxrd.system.notify import SdNotifier
 from cxrd.system.process import ProcessLauncher
 from cxrd.system.reaper import OrphanReaper, is_init
@@ -221,6 +223,11 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         background.add(task)
         task.add_done_callback(background.discard)
 
+    health_sock: socket.socket | None = None
+    try:
+        health_sock = _bind_health(config)
+    except StartFailed as err:
+        supervisor.fail(err)  # before anything starts
     controller = asyncio.create_task(supervisor.run(), name="cxrd-supervisor")
     # The runtime first: the slow rest (D-Bus, the proxy's certificate) happens
     # while it comes up.
@@ -238,7 +245,9 @@ async def run(config: Config, args: argparse.Namespace) -> int:
     health: HealthServer | None = None
     try:
         try:
-            health = await _serve_health(config, supervisor, reaper)
+            if health_sock is not None:
+                health = await _serve_health(health_sock, supervisor, reaper)
+                health_sock = None
             service = await _serve_bus(supervisor, config.bus, Instance(config.instance).bus_name)
         except (AlreadyServing, StartFailed) as err:
             supervisor.fail(err)
@@ -259,6 +268,8 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         if health is not None:
             health.close()
             await health.wait_closed()
+        if health_sock is not None:
+            health_sock.close()
         launcher.close()
         if reaper is not None:
             await reaper.end()
@@ -309,17 +320,25 @@ async def _watchdog(notifier: SdNotifier, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def _serve_health(
-    config: Config, supervisor: Supervisor, reaper: OrphanReaper | None
-) -> HealthServer | None:
+def _bind_health(config: Config) -> socket.socket | None:
+    """health.listen's socket, bound before anything starts: a taken port stops nothing."""
     address = config.health.address
     if address is None:
         return None
-    # Imported here, like D-Bus: prometheus_client loads only when asked for.
+    try:
+        return bind_listener(*address)
+    except StartFailed as err:
+        raise StartFailed(f"health.listen {config.health.listen}: {err}") from None
+
+
+async def _serve_health(
+    sock: socket.socket, supervisor: Supervisor, reaper: OrphanReaper | None
+) -> HealthServer:
+    # Imported here, like D-Bus: prometheus_client loads while the runtime comes up.
     from cxrd.health.server import HealthServer
 
     server = HealthServer(supervisor, reaped=(lambda: reaper.reaped) if reaper else None)
-    await server.listen(*address)
+    await server.serve(sock)
     return server
 
 

@@ -23,13 +23,13 @@ import asyncio
 import collections
 import json
 import logging
+import socket
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any, Final
 
 from cxrd.core.states import State, StateChanged
 from cxrd.core.supervisor import Event, Supervisor
-from cxrd.errors import StartFailed
 from cxrd.health import metrics
 from cxrd.health.report import live_body, ready_body
 
@@ -65,16 +65,10 @@ class HealthServer:
             self._last_reason = event.reason
             self._changes[event.new] += 1
 
-    async def listen(self, host: str, port: int) -> None:
-        """Bind ``host:port``; a failure is :class:`StartFailed` naming health.listen."""
-        try:
-            self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD)
-        except OSError as exc:
-            self.close()
-            raise StartFailed(
-                f"health.listen {host}:{port}: cannot listen: {exc.strerror or exc}"
-            ) from None
-        where = ", ".join(_address(s.getsockname()) for s in self._server.sockets)
+    async def serve(self, sock: socket.socket) -> None:
+        """Answer on ``sock``, a listening socket (``bind_listener``); it is ours from now on."""
+        self._server = await asyncio.start_server(self._serve, sock=sock, limit=MAX_HEAD)
+        where = _address(sock.getsockname())
         log.info("health endpoints on http://%s (/livez, /readyz, /metrics)", where)
 
     @property
