@@ -179,11 +179,13 @@ def test_odd_interpreter_paths_survive_systemd_quoting(systemd_user: UserManager
     odd.chmod(0o755)
     run_install(systemd_user.env, "install", "", str(odd), "-m", "cxrd", "--config", "$HOME/%h")
     systemd_user.systemctl("start", C.UNIT_NAME)
-    assert record.read_text() == f"{odd}|-m|cxrd|--config|$HOME/%h|"
+    assert record.read_text() == f"{odd}|-m|cxrd|--config|$HOME/%h|--bus|session|"
 
 
 def test_render_unit_changes_only_exec_start() -> None:
     packaged = (REPO / "cxrd" / "data" / C.UNIT_NAME).read_text().splitlines()
     rendered = render_unit(["/x/python", "-m", "cxrd"]).splitlines()
     changed = [(a, b) for a, b in zip(packaged, rendered, strict=True) if a != b]
-    assert changed == [("ExecStart=/usr/bin/cxrd", "ExecStart=/x/python -m cxrd")]
+    assert changed == [
+        ("ExecStart=/usr/bin/cxrd --bus session", "ExecStart=/x/python -m cxrd --bus session")
+    ]

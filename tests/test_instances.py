@@ -166,7 +166,7 @@ def test_install_writes_the_template_and_one_activation_file_per_instance(home: 
     assert "Exec=/x/python -m cxrd --instance left\n" in left
     assert render_activation(["/usr/bin/cxrd"]) == (REPO / "dbus" / C.DBUS_SERVICE_FILE).read_text()
     unit = render_template_unit(["/x/python", "-m", "cxrd"])
-    assert "\nExecStart=/x/python -m cxrd --instance %i\n" in unit
+    assert "\nExecStart=/x/python -m cxrd --bus session --instance %i\n" in unit
     assert "\nBusName=io.github.cxrd.Daemon1.%i\n" in unit
     shipped = (REPO / "systemd" / C.UNIT_TEMPLATE).read_text()
     assert shipped == (REPO / "cxrd" / "data" / C.UNIT_TEMPLATE).read_text()

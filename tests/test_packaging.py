@@ -73,10 +73,10 @@ def test_package_holds_the_units_the_activation_file_and_cxrd(built: Built) -> N
     # What the package ships is the checked-in unit, which runs /usr/bin/cxrd.
     unit = (built.root / "usr/lib/systemd/user/cloudxr.service").read_text()
     assert unit == (REPO / "systemd" / "cloudxr.service").read_text()
-    assert "\nExecStart=/usr/bin/cxrd\n" in unit
+    assert "\nExecStart=/usr/bin/cxrd --bus session\n" in unit
     template = (built.root / "usr/lib/systemd/user/cloudxr@.service").read_text()
     assert template == (REPO / "systemd" / "cloudxr@.service").read_text()
-    assert "\nExecStart=/usr/bin/cxrd --instance %i\n" in template
+    assert "\nExecStart=/usr/bin/cxrd --bus session --instance %i\n" in template
     activation = built.root / "usr/share/dbus-1/services/io.github.cxrd.Daemon1.service"
     assert "SystemdService=cloudxr.service" in activation.read_text()
     # Nothing the package owns is writable by others or owned by the builder.

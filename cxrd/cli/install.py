@@ -140,13 +140,18 @@ def dbus_quote(argv: Sequence[str]) -> str:
     return " ".join(words)
 
 
+# The unit's daemon requires its session bus: a user session without one is an
+# error to see, not a daemon that nobody can reach (``cxrd --bus``).
+UNIT_ARGS = ("--bus", "session")
+
+
 def render_unit(argv: Sequence[str]) -> str:
-    return _replace_key(template(C.UNIT_NAME), "ExecStart", systemd_quote(argv))
+    return _replace_key(template(C.UNIT_NAME), "ExecStart", systemd_quote([*argv, *UNIT_ARGS]))
 
 
 def render_template_unit(argv: Sequence[str]) -> str:
     """``cloudxr@.service``: ``%i``, the instance name, becomes ``--instance``."""
-    exec_start = f"{systemd_quote(argv)} --instance %i"
+    exec_start = f"{systemd_quote([*argv, *UNIT_ARGS])} --instance %i"
     return _replace_key(template(C.UNIT_TEMPLATE), "ExecStart", exec_start)
 
 
