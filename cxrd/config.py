@@ -9,6 +9,7 @@ half-applied.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import math
 import os
@@ -83,6 +84,9 @@ class ProxyConfig:
     max_connections: int = 64
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
+    host_client: bool = True  # serve the web client at /client/
+    client_dir: str | None = None  # None: $TELEOP_WEB_CLIENT_STATIC_DIR, else <install>/...
+    allow: tuple[str, ...] = ()  # addresses and CIDR networks that may connect; () = everyone
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,16 @@ class Config:
     @property
     def certs_dir(self) -> Path:
         return self.install_path / C.CERTS_DIR
+
+    @property
+    def client_path(self) -> Path:
+        """Where the web client lives, as isaacteleop looks for it."""
+        if self.proxy.client_dir is not None:
+            return Path(self.proxy.client_dir).expanduser().absolute()
+        from_env = os.environ.get(C.CLIENT_DIR_ENV)
+        if from_env:
+            return Path(from_env).expanduser().absolute()
+        return self.install_path / C.CLIENT_DIR
 
 
 def check_device_profile(profile: str) -> None:
@@ -482,6 +496,13 @@ def _check_semantics(config: Config) -> None:
         raise InvalidConfig(f"{src}: health.listen: {exc}") from None
     if (config.proxy.cert is None) != (config.proxy.key is None):
         raise InvalidConfig(f"{src}: proxy.cert, proxy.key: give both or neither")
+    for entry in config.proxy.allow:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise InvalidConfig(
+                f"{src}: proxy.allow: {entry!r} is not an address or a CIDR network"
+            ) from None
 
 
 def _check_sim(sim: SimConfig, src: str) -> None:

@@ -42,6 +42,8 @@ LOCK_FILE: Final = "cxrd.lock"
 RUNTIME_STDERR_LOG: Final = "runtime_stderr.log"
 SERVER_LOG_GLOB: Final = "cxr_server.*.log"
 PROXY_LOG: Final = "wss.log"
+CLIENT_DIR: Final = "static-client"  # the web client, where isaacteleop keeps it
+CLIENT_DIR_ENV: Final = "TELEOP_WEB_CLIENT_STATIC_DIR"
 CERT_FILE: Final = "server.crt"
 KEY_FILE: Final = "server.key"
 

@@ -17,6 +17,7 @@ from cxrd.config import Config
 from cxrd.core.children import Child
 from cxrd.core.ports import ChildHandle
 from cxrd.errors import CxrdError
+from cxrd.proxy.events import SessionEvent
 from cxrd.proxy.launch import ProxyLaunch
 from cxrd.runtimes import RuntimeLaunch
 
@@ -93,6 +94,15 @@ class Exited:
 
 
 @dataclass(frozen=True)
+class Session:
+    """The proxy reported a headset session opening or closing."""
+
+    child: Child
+    gen: int
+    event: SessionEvent
+
+
+@dataclass(frozen=True)
 class BackoffOver:
     child: Child
     gen: int
@@ -116,6 +126,7 @@ Message = (
     | TimedOut
     | Exited
     | BackoffOver
+    | Session
     | Prepared
 )
 

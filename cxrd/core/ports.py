@@ -12,6 +12,7 @@ from typing import Protocol
 
 from cxrd.config import Config
 from cxrd.errors import CxrdError
+from cxrd.proxy.events import SessionEvent
 from cxrd.proxy.launch import ProxyLaunch
 from cxrd.runtimes import RuntimeLaunch
 from cxrd.system.process import ChildSpec
@@ -46,7 +47,7 @@ class Notifier(Protocol):
 
 
 class ReadyPipe(Protocol):
-    """A pipe whose write end a child inherits and writes ``READY`` to."""
+    """A pipe whose write end a child inherits: ``READY``, then its session events."""
 
     write_fd: int
 
@@ -55,7 +56,11 @@ class ReadyPipe(Protocol):
         ...
 
     async def wait(self) -> None:
-        """Return once READY arrives; closes the read end whatever happens."""
+        """Return once READY arrives."""
+        ...
+
+    async def next_event(self) -> SessionEvent | None:
+        """The next headset session event after READY; None once the child closed the pipe."""
         ...
 
     def close(self) -> None: ...

@@ -23,6 +23,7 @@ from cxrd.core.children import After, Child
 from cxrd.core.ports import ChildHandle, Clock, Host, Launcher, Readiness
 from cxrd.core.states import ChildState, Phase
 from cxrd.errors import Busy, CxrdError, GaveUp, StartFailed, Timeout
+from cxrd.proxy.events import SessionEvent
 from cxrd.proxy.launch import ProxyLaunch
 from cxrd.runtimes import RuntimeLaunch
 from cxrd.system.diagnosis import as_verb, headline
@@ -38,7 +39,8 @@ class _Recipe:
     spec: ChildSpec
     ready: Callable[[], Awaitable[None]]
     spawned: Callable[[], None]  # after spawn, whatever happened
-    discard: Callable[[], None]  # once readiness is no longer awaited
+    discard: Callable[[], None]  # once readiness and events are no longer awaited
+    follow: Callable[[], Awaitable[SessionEvent | None]]  # after ready; None: no more
 
 
 def _nothing() -> None:
@@ -50,6 +52,10 @@ def _too_late(msg: M.Message) -> None:
     reply = getattr(msg, "reply", None)
     if reply is not None and not reply.done():
         reply.set_exception(Busy("the daemon has stopped; start it again"))
+
+
+async def _no_events() -> None:
+    return None
 
 
 class Runner:
@@ -104,6 +110,12 @@ class Runner:
         raise NotImplementedError
 
     def _settle_proxy_reload(self) -> None:
+        raise NotImplementedError
+
+    def _on_session(self, event: SessionEvent) -> None:
+        raise NotImplementedError
+
+    def _drop_headsets(self, why: str) -> None:
         raise NotImplementedError
 
     # ---- the loop ------------------------------------------------------------
@@ -170,7 +182,11 @@ class Runner:
         elif isinstance(msg, M.BackoffOver) and child.state is ChildState.BACKOFF:
             child.backoff = None
             self._start_child(child, in_run=child.in_run, why="backoff over")
+        elif isinstance(msg, M.Session) and child.state is ChildState.RUNNING:
+            self._on_session(msg.event)
         if child is self._proxy:
+            if child.state is not ChildState.RUNNING:
+                self._drop_headsets(f"the proxy is {child.state}")
             self._settle_proxy_reload()
 
     # ---- starting --------------------------------------------------------------
@@ -217,14 +233,18 @@ class Runner:
         child.reported = gen
         self._post(M.Spawned(child, gen, handle))
         try:
-            async with asyncio.timeout(self._config.runtime.startup_timeout):
-                await recipe.ready()
-        except TimeoutError:
-            self._post(M.TimedOut(child, gen))
-            return
+            try:
+                async with asyncio.timeout(self._config.runtime.startup_timeout):
+                    await recipe.ready()
+            except TimeoutError:
+                self._post(M.TimedOut(child, gen))
+                return
+            self._post(M.Ready(child, gen))
+            # The proxy goes on reporting headset sessions until its pipe closes.
+            while (event := await recipe.follow()) is not None:
+                self._post(M.Session(child, gen, event))
         finally:
             recipe.discard()
-        self._post(M.Ready(child, gen))
 
     async def _recipe(self, child: Child) -> _Recipe:
         if child is self._runtime:
@@ -239,12 +259,14 @@ class Runner:
             self._server_log = ""
             self._spawned_runtime = True
             sentinel = run_dir / C.SENTINEL_FILE
-            return _Recipe(launch.spec, lambda: self._readiness.file(sentinel), _nothing, _nothing)
+            return _Recipe(
+                launch.spec, lambda: self._readiness.file(sentinel), _nothing, _nothing, _no_events
+            )
         if self._proxy_launch is None:
             self._proxy_launch = await self._host.prepare_proxy(self._config, keep=None)
         pipe = self._readiness.pipe()
         spec = self._proxy_launch.spec(pipe.write_fd)
-        return _Recipe(spec, pipe.wait, pipe.close_write, pipe.close)
+        return _Recipe(spec, pipe.wait, pipe.close_write, pipe.close, pipe.next_event)
 
     def _on_spawned(self, child: Child, handle: ChildHandle) -> None:
         child.handle = handle

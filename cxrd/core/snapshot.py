@@ -25,7 +25,8 @@ class RuntimeStatus:
 class ProxyStatus:
     pid: int = 0
     port: int = 0
-    url: str = ""  # wss://host:port/ ; "" when the proxy is disabled
+    url: str = ""  # the first client URL (https://<ip>:<port>/client/?...); "" when disabled
+    headset_urls: tuple[str, ...] = ()  # every client URL, as `cxrctl url` prints them
     restarts: int = 0
     last_exit: str = ""
     state: str = ""  # the proxy's own state: a proxy that gave up leaves the daemon ready
@@ -37,6 +38,17 @@ class Lease:
     holder: str  # the holder's unique bus name (":1.42"), or another owner token
     pid: int  # 0 when unknown
     reason: str
+    since: float  # Unix time
+
+
+@dataclass(frozen=True)
+class Headset:
+    """A WebSocket session through the proxy to the runtime's signaling."""
+
+    id: str
+    address: str  # the peer's IP address
+    user_agent: str
+    path: str  # without the query
     since: float  # Unix time
 
 
@@ -62,3 +74,4 @@ class Snapshot:
     media_port: int = 0  # runtime.media_port (UDP)
     ready_since: float = 0.0  # Unix time the daemon became ready; 0 while it is not
     last_start_seconds: float = 0.0  # starting/restarting -> ready, the latest; 0 before one
+    headsets: tuple[Headset, ...] = field(default=())

@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cxrd import __version__
 from cxrd import constants as C
@@ -29,7 +30,7 @@ from cxrd.core.commands import Kind, Operation
 from cxrd.core.operations import Operations, answer
 from cxrd.core.policy import RestartPolicy
 from cxrd.core.ports import Clock, Host, Launcher, Notifier, Readiness
-from cxrd.core.snapshot import Lease, ProxyStatus, RuntimeStatus, Snapshot
+from cxrd.core.snapshot import Headset, Lease, ProxyStatus, RuntimeStatus, Snapshot
 from cxrd.core.states import (
     DESCRIPTIONS,
     ChildState,
@@ -46,6 +47,8 @@ from cxrd.errors import (
     StartFailed,
     Timeout,
 )
+from cxrd.proxy.events import Opened, SessionEvent
+from cxrd.proxy.frames import CLOSE_ABNORMAL
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,19 @@ class Updated:
     """Something in the snapshot other than the state may have changed."""
 
 
-Event = StateChanged | Updated
+@dataclass(frozen=True)
+class HeadsetConnected:
+    headset: Headset
+
+
+@dataclass(frozen=True)
+class HeadsetDisconnected:
+    headset: Headset
+    seconds: float
+    code: int  # the WebSocket close code; 1006 when the proxy ended under it
+
+
+Event = StateChanged | Updated | HeadsetConnected | HeadsetDisconnected
 
 
 class Supervisor(Operations):
@@ -74,6 +89,7 @@ class Supervisor(Operations):
         self._born = clock()
         self._listeners: list[Callable[[Event], None]] = []
         self._leases: dict[str, Lease] = {}
+        self._headsets: dict[str, Headset] = {}  # what the running proxy reported
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_token = 0
         self._claimed = False  # a client has used the runtime: its profile is no longer free
@@ -116,7 +132,8 @@ class Supervisor(Operations):
             proxy=ProxyStatus(
                 pid=px.pid,
                 port=proxy.port if proxy is not None else 0,
-                url=proxy.url if proxy is not None else "",
+                url=proxy.urls[0] if proxy is not None and proxy.urls else "",
+                headset_urls=proxy.urls if proxy is not None else (),
                 restarts=px.restarts,
                 last_exit=px.last_exit,
                 state=str(px.state),
@@ -137,6 +154,7 @@ class Supervisor(Operations):
             media_port=self._config.runtime.media_port,
             ready_since=self._ready_since,
             last_start_seconds=self._last_start_seconds,
+            headsets=tuple(self._headsets.values()),
         )
 
     def _emit(self, event: Event) -> None:
@@ -250,6 +268,29 @@ class Supervisor(Operations):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+
+    # ---- headsets: the sessions the proxy relays -------------------------------
+
+    def _on_session(self, event: SessionEvent) -> None:
+        if isinstance(event, Opened):
+            h = event.headset
+            self._headsets[h.id] = h
+            log.info("headset %s connected from %s (%s)", h.id, h.address, h.user_agent)
+            self._emit(HeadsetConnected(h))
+        elif (gone := self._headsets.pop(event.id, None)) is not None:
+            log.info(
+                "headset %s (%s) disconnected after %.0f s, close code %d",
+                gone.id, gone.address, event.seconds, event.code,
+            )  # fmt: skip
+            self._emit(HeadsetDisconnected(gone, event.seconds, event.code))
+
+    def _drop_headsets(self, why: str) -> None:
+        """The proxy no longer runs: its sessions went with it."""
+        now = time.time()
+        for h in list(self._headsets.values()):
+            del self._headsets[h.id]
+            log.info("headset %s (%s) disconnected: %s", h.id, h.address, why)
+            self._emit(HeadsetDisconnected(h, max(now - h.since, 0.0), CLOSE_ABNORMAL))
 
     # ---- the handlers: run one at a time by Runner.run ------------------------
 

@@ -28,7 +28,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 
 from cxrd.constants import ERROR_PREFIX, INTERFACE, INTROSPECTION_XML
 from cxrd.core.states import StateChanged
-from cxrd.core.supervisor import Event, Supervisor
+from cxrd.core.supervisor import Event, HeadsetConnected, HeadsetDisconnected, Supervisor
 from cxrd.dbus import wire
 from cxrd.errors import AccessDenied, CxrdError
 
@@ -41,6 +41,8 @@ CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("cxrd_dbus_caller",
 _Options = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
 _StrMap = Annotated[dict[str, str], DBusSignature("a{ss}")]
 _Leases = Annotated[list[list[Any]], DBusSignature(wire.LEASES_SIGNATURE)]
+_Headsets = Annotated[list[list[Any]], DBusSignature(wire.HEADSETS_SIGNATURE)]
+_Strings = Annotated[list[str], DBusSignature("as")]
 
 
 # --- the contract -----------------------------------------------------------
@@ -188,6 +190,18 @@ class Daemon1(ServiceInterface):
     ) -> Annotated[list[str], DBusSignature("sss")]:
         return [new, old, reason]
 
+    @dbus_signal()
+    def HeadsetConnected(
+        self, id: str, address: str, user_agent: str
+    ) -> Annotated[list[str], DBusSignature("sss")]:
+        return [id, address, user_agent]
+
+    @dbus_signal()
+    def HeadsetDisconnected(
+        self, id: str, address: str, seconds: float, close_code: int
+    ) -> Annotated[list[Any], DBusSignature("ssdq")]:
+        return [id, address, seconds, min(max(close_code, 0), 65535)]
+
     # properties: read from a fresh snapshot, so a Get never lags an event
 
     def _prop(self, name: str) -> Any:
@@ -235,6 +249,14 @@ class Daemon1(ServiceInterface):
         return list(self._prop("Leases"))
 
     @dbus_property(access=PropertyAccess.READ)
+    def Headsets(self) -> _Headsets:
+        return list(self._prop("Headsets"))
+
+    @dbus_property(access=PropertyAccess.READ)
+    def HeadsetUrls(self) -> _Strings:
+        return list(self._prop("HeadsetUrls"))
+
+    @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> DBusStr:
         return str(self._prop("Version"))
 
@@ -253,6 +275,14 @@ class Daemon1(ServiceInterface):
                 # a client reacting to the signal reads values that match it.
                 self._flush()
                 self.StateChanged(str(event.new), str(event.old), event.reason)
+            elif isinstance(event, HeadsetConnected):
+                self._flush()  # Headsets already lists it when the signal arrives
+                h = event.headset
+                self.HeadsetConnected(h.id, h.address, h.user_agent)
+            elif isinstance(event, HeadsetDisconnected):
+                self._flush()
+                h = event.headset
+                self.HeadsetDisconnected(h.id, h.address, event.seconds, event.code)
             elif self._flush_pending is None:
                 # Updates come in bursts (a lease flood); one signal per loop turn.
                 self._flush_pending = asyncio.get_running_loop().call_soon(self._flush)

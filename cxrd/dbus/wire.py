@@ -14,12 +14,13 @@ from typing import Any
 
 from dbus_fast import Variant
 
-from cxrd.core.snapshot import Lease, ProxyStatus, RuntimeStatus, Snapshot
+from cxrd.core.snapshot import Headset, Lease, ProxyStatus, RuntimeStatus, Snapshot
 from cxrd.core.states import State
 from cxrd.errors import InvalidArgs
 
 LEASE_SIGNATURE = "(ssusd)"
 LEASES_SIGNATURE = "a" + LEASE_SIGNATURE
+HEADSETS_SIGNATURE = "a(ssssd)"  # id, address, user agent, path, since
 
 # Property name -> D-Bus signature, in the order of the introspection XML.
 PROPERTY_SIGNATURES: dict[str, str] = {
@@ -33,6 +34,8 @@ PROPERTY_SIGNATURES: dict[str, str] = {
     "LastError": "s",
     "Restarts": "u",
     "Leases": LEASES_SIGNATURE,
+    "Headsets": HEADSETS_SIGNATURE,
+    "HeadsetUrls": "as",
     "Version": "s",
     "InterfaceVersion": "u",
 }
@@ -56,6 +59,15 @@ def lease_from_wire(value: Any) -> Lease:
     return Lease(id=lease_id, holder=holder, pid=int(pid), reason=reason, since=float(since))
 
 
+def headset_to_wire(h: Headset) -> list[Any]:
+    return [h.id, h.address, h.user_agent, h.path, float(h.since)]
+
+
+def headset_from_wire(value: Any) -> Headset:
+    hid, address, user_agent, path, since = value
+    return Headset(id=hid, address=address, user_agent=user_agent, path=path, since=float(since))
+
+
 def property_values(snap: Snapshot) -> dict[str, Any]:
     """Every property's value (plain Python, typed as PROPERTY_SIGNATURES says)."""
     return {
@@ -69,6 +81,8 @@ def property_values(snap: Snapshot) -> dict[str, Any]:
         "LastError": snap.last_error,
         "Restarts": _u32(snap.runtime.restarts),
         "Leases": [lease_to_wire(lease) for lease in snap.leases],
+        "Headsets": [headset_to_wire(h) for h in snap.headsets],
+        "HeadsetUrls": list(snap.proxy.headset_urls),
         "Version": snap.version,
         "InterfaceVersion": _u32(snap.interface_version),
     }
@@ -87,6 +101,7 @@ def snapshot_to_wire(snap: Snapshot) -> dict[str, Variant]:
         "pid": Variant("u", _u32(snap.proxy.pid)),
         "port": Variant("u", _u32(snap.proxy.port)),
         "url": Variant("s", snap.proxy.url),
+        "headset_urls": Variant("as", list(snap.proxy.headset_urls)),
         "restarts": Variant("u", _u32(snap.proxy.restarts)),
         "last_exit": Variant("s", snap.proxy.last_exit),
         "state": Variant("s", snap.proxy.state),
@@ -112,6 +127,7 @@ def snapshot_to_wire(snap: Snapshot) -> dict[str, Variant]:
         "media_port": Variant("u", _u32(snap.media_port)),
         "ready_since": Variant("d", float(snap.ready_since)),
         "last_start_seconds": Variant("d", float(snap.last_start_seconds)),
+        "headsets": Variant(HEADSETS_SIGNATURE, [headset_to_wire(h) for h in snap.headsets]),
     }
 
 
@@ -152,6 +168,7 @@ def snapshot_from_wire(data: Mapping[str, Any]) -> Snapshot:
             pid=_get(proxy, "pid", int, 0),
             port=_get(proxy, "port", int, 0),
             url=_get(proxy, "url", str, ""),
+            headset_urls=tuple(_get(proxy, "headset_urls", list, [])),
             restarts=_get(proxy, "restarts", int, 0),
             last_exit=_get(proxy, "last_exit", str, ""),
             state=_get(proxy, "state", str, ""),
@@ -172,6 +189,7 @@ def snapshot_from_wire(data: Mapping[str, Any]) -> Snapshot:
         media_port=_get(data, "media_port", int, 0),
         ready_since=_get(data, "ready_since", float, 0.0),
         last_start_seconds=_get(data, "last_start_seconds", float, 0.0),
+        headsets=tuple(headset_from_wire(item) for item in _get(data, "headsets", list, [])),
     )
 
 

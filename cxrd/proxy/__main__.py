@@ -3,8 +3,9 @@
 Under cxrd it inherits a listening socket (``--listen-fd``) that the daemon
 keeps for its whole life, so clients queue in the kernel while the proxy
 restarts; it tells the daemon it serves by writing ``READY`` to
-``--ready-fd``. It dies with its parent (parent-death signal), and on SIGTERM
-closes every client with 1001 and exits 0. It never imports the supervisor.
+``--ready-fd``, then goes on writing there one line per headset session that
+opens or closes (:mod:`cxrd.proxy.events`). It dies with its parent
+(parent-death signal), and on SIGTERM closes every client with 1001 and exits 0. It never imports the supervisor.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import ipaddress
 import logging
 import os
 import signal
@@ -22,11 +24,11 @@ from pathlib import Path
 
 from cxrd import constants as C
 from cxrd.errors import CxrdError, StartFailed
-from cxrd.proxy.server import ProxyOptions, ProxyServer, server_tls_context
+from cxrd.proxy.events import READY_LINE, SessionEvent, encode
+from cxrd.proxy.server import Network, ProxyOptions, ProxyServer, server_tls_context
 from cxrd.system.listeners import bind_listener
 
 PR_SET_PDEATHSIG = 1
-READY_MESSAGE = b"READY\n"
 
 log = logging.getLogger("cxrd.proxy")
 
@@ -46,12 +48,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cert", type=Path, required=True)
     parser.add_argument("--key", type=Path, required=True)
     parser.add_argument("--log", type=Path, help="connection log, appended (default: stderr)")
-    parser.add_argument("--ready-fd", type=int, help="write READY here once serving, then close")
+    parser.add_argument(
+        "--ready-fd", type=int, help="write READY here once serving, then session events"
+    )
     parser.add_argument("--parent-pid", type=int, help="exit at once if the parent is not this pid")
     parser.add_argument("--max-message-size", type=_positive_int, default=defaults.max_message_size)
     parser.add_argument("--max-connections", type=_positive_int, default=defaults.max_connections)
     parser.add_argument("--ping-interval", type=_positive_float, default=defaults.ping_interval)
     parser.add_argument("--ping-timeout", type=_positive_float, default=defaults.ping_timeout)
+    parser.add_argument("--client-dir", type=Path, help="serve the web client from here")
+    parser.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        type=_network,
+        help="an address or CIDR network that may connect (repeatable; default: everyone)",
+    )
     return parser.parse_args(argv)
 
 
@@ -60,6 +72,13 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
     return value
+
+
+def _network(text: str) -> Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an address or CIDR network: {text}") from None
 
 
 def _positive_float(text: str) -> float:
@@ -117,13 +136,34 @@ def inherited_listener(fd: int) -> socket.socket:
     return sock
 
 
-def signal_ready(fd: int | None) -> None:
-    if fd is None:
-        return
-    try:
-        os.write(fd, READY_MESSAGE)
-    finally:
-        os.close(fd)
+class Reporter:
+    """The ready pipe's writing end: READY once, then one line per session event.
+
+    Never blocks the loop: a line the pipe cannot take now is dropped with a
+    warning (the daemon reads as they come; a full pipe means it is stuck).
+    """
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        if fd is not None:
+            os.set_blocking(fd, False)
+
+    def ready(self) -> None:
+        self._write(READY_LINE)
+
+    def event(self, event: SessionEvent) -> None:
+        self._write(encode(event))
+
+    def _write(self, line: bytes) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, line)
+        except BlockingIOError:
+            log.warning("the daemon is not reading session events; one was dropped")
+        except OSError:  # the daemon closed its end: it is going away
+            os.close(self.fd)
+            self.fd = None
 
 
 async def run(args: argparse.Namespace, sock: socket.socket, tls: ssl.SSLContext) -> None:
@@ -134,12 +174,15 @@ async def run(args: argparse.Namespace, sock: socket.socket, tls: ssl.SSLContext
         max_connections=args.max_connections,
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
+        client_dir=args.client_dir,
+        allow=tuple(args.allow),
     )
-    server = ProxyServer(sock, tls, options)
+    reporter = Reporter(args.ready_fd)
+    server = ProxyServer(sock, tls, options, reporter.event)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.close)
-    await server.serve(on_listening=lambda: signal_ready(args.ready_fd))
+    await server.serve(on_listening=reporter.ready)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,21 +94,34 @@ def response(
     *,
     extra: Mapping[str, str] | None = None,
     head_only: bool = False,
+    length: int | None = None,
 ) -> bytes:
-    """A whole HTTP/1.1 response that closes the connection, CORS headers included."""
-    headers = Headers(
-        {
-            "Content-Type": content_type,
-            "Content-Length": str(len(body)),
-            "Cache-Control": "no-store",
-            "X-Content-Type-Options": "nosniff",
-            "Connection": "close",
-            **CORS_HEADERS,
-        }
+    """A whole HTTP/1.1 response that closes the connection, CORS headers included.
+
+    ``extra`` adds headers or replaces the defaults; ``length`` is the
+    Content-Length a HEAD answer announces when ``body`` was not read.
+    """
+    headers = {
+        "Content-Type": content_type,
+        "Content-Length": str(len(body) if length is None else length),
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+        "Connection": "close",
+        **CORS_HEADERS,
+        **(extra or {}),
+    }
+    return Response(status, reason, Headers(headers), b"" if head_only else body).serialize()
+
+
+def redirect(location: str) -> bytes:
+    """301 to ``location`` (a path on this server, built from a checked request path)."""
+    return response(
+        301, "Moved Permanently", b"", "text/plain; charset=utf-8", extra={"Location": location}
     )
-    for name, value in (extra or {}).items():
-        headers[name] = value
-    return Response(status, reason, headers, b"" if head_only else body).serialize()
+
+
+def forbidden() -> bytes:
+    return error(403, "Forbidden", "This address may not use this proxy.")
 
 
 def cert_page(*, head_only: bool = False) -> bytes:

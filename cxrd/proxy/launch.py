@@ -20,6 +20,7 @@ from cxrd import constants as C
 from cxrd.config import Config, ProxyConfig
 from cxrd.errors import StartFailed
 from cxrd.proxy.certs import ensure_certificate, validate_pair
+from cxrd.system.addresses import headset_urls
 from cxrd.system.listeners import bind_listener
 from cxrd.system.process import ChildSpec
 
@@ -30,13 +31,18 @@ BACKEND_HOST = "127.0.0.1"
 @dataclass
 class ProxyLaunch:
     listener: socket.socket  # bound and listening; held by the daemon for its life
-    url: str  # what headsets open: wss://<host>:<port>/
+    urls: tuple[str, ...]  # the client URLs a person opens on a headset, first one first
     port: int
     log_path: Path  # <install>/logs/wss.log, appended
     cert: Path
     key: Path
     settings: ProxyConfig = field(default_factory=ProxyConfig)
     backend_port: int = C.DEFAULT_BACKEND_PORT  # runtime.signaling_port
+    client_dir: Path | None = None  # None: the web client is not hosted
+
+    @property
+    def url(self) -> str:
+        return self.urls[0] if self.urls else ""
 
     @property
     def stderr_log(self) -> Path:
@@ -74,6 +80,8 @@ class ProxyLaunch:
             repr(s.ping_interval),
             "--ping-timeout",
             repr(s.ping_timeout),
+            *(("--client-dir", str(self.client_dir)) if self.client_dir is not None else ()),
+            *(arg for entry in s.allow for arg in ("--allow", entry)),
         )
         return ChildSpec(
             name="proxy",
@@ -118,20 +126,12 @@ def prepare_proxy(config: Config, keep: ProxyLaunch | None = None) -> ProxyLaunc
     port = int(listener.getsockname()[1])
     return ProxyLaunch(
         listener=listener,
-        url=proxy_url(settings.host, port),
+        urls=tuple(u.client for u in headset_urls(settings.host, port)),
         port=port,
         log_path=logs / C.PROXY_LOG,
         cert=cert,
         key=key,
         settings=settings,
         backend_port=config.runtime.signaling_port,
+        client_dir=config.client_path if settings.host_client else None,
     )
-
-
-def proxy_url(host: str, port: int) -> str:
-    """The URL a headset opens: this host's name when listening on every address."""
-    if host in ("", "0.0.0.0", "::"):
-        host = socket.gethostname() or "localhost"
-    elif ":" in host:
-        host = f"[{host}]"
-    return f"wss://{host}:{port}/"

@@ -13,34 +13,37 @@ fast on a small machine.
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import logging
 import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Sequence
+import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from websockets.client import ClientProtocol
 from websockets.headers import parse_subprotocol
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
-from websockets.typing import Subprotocol
-from websockets.uri import parse_uri
 
 from cxrd.constants import DEFAULT_BACKEND_PORT
+from cxrd.core.snapshot import Headset
+from cxrd.proxy import events, http, static
 from cxrd.proxy import frames as F
-from cxrd.proxy import http
+from cxrd.proxy.backend import MAX_HEAD, BackendConn, BackendRejected
 from cxrd.proxy.relay import Session
 from cxrd.proxy.tls import TlsServer
 from cxrd.system.listeners import LISTEN_BACKLOG
 
 log = logging.getLogger("cxrd.proxy")
 
-MAX_HEAD = 16 * 1024  # request/response head, like common HTTP servers
 HEALTH_PROBE_TIMEOUT = 1.0
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class ProxyOptions:
     ping_timeout: float = 20.0
     open_timeout: float = 10.0  # TLS handshake + request head; backend connect + handshake
     close_timeout: float = 5.0
+    client_dir: Path | None = None  # serve the web client from here at /client/
+    allow: tuple[Network, ...] = ()  # who may connect; () = everyone
 
     @property
     def backend_url(self) -> str:
@@ -69,14 +74,16 @@ def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-class BackendRejected(Exception):
-    """The backend answered the WebSocket handshake with something other than 101."""
-
-
 class ProxyServer:
     """Serves one listening socket until :meth:`close`; ``stop()``/``wait_closed()`` twins."""
 
-    def __init__(self, sock: socket.socket, tls: ssl.SSLContext, options: ProxyOptions) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        tls: ssl.SSLContext,
+        options: ProxyOptions,
+        report: Callable[[events.SessionEvent], None] | None = None,
+    ) -> None:
         self.sock = sock
         self.tls = tls
         self.options = options
@@ -84,6 +91,8 @@ class ProxyServer:
         self.connecting = 0
         self.started = time.monotonic()
         self._conns: set[ClientConn] = set()
+        self._report = report  # headset sessions, to the daemon
+        self.headsets: dict[Session, Headset] = {}
         self._server: asyncio.Server | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -134,6 +143,18 @@ class ProxyServer:
 
     # Bookkeeping used by connections ------------------------------------------
 
+    def admits(self, transport: asyncio.BaseTransport | None) -> bool:
+        """Whether proxy.allow lets this peer in (everyone when it is empty)."""
+        if not self.options.allow:
+            return True
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if not isinstance(peer, tuple):
+            return False
+        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.options.allow)
+
     @property
     def busy(self) -> bool:
         return len(self.sessions) + self.connecting >= self.options.max_connections
@@ -163,9 +184,22 @@ class ProxyServer:
         self.sessions.add(session)
         self._idle.clear()
 
+    def headset_opened(self, session: Session, user_agent: str) -> None:
+        """A session reached the runtime's signaling: a headset is there."""
+        host = session.peer.rsplit(":", 1)[0].strip("[]")
+        headset = Headset(uuid.uuid4().hex[:12], host, user_agent, session.path, time.time())
+        self.headsets[session] = headset
+        if self._report is not None:
+            self._report(events.Opened(headset))
+
     def session_done(self, session: Session) -> None:
         self.sessions.discard(session)
         log.info("%s", session.summary())
+        headset = self.headsets.pop(session, None)
+        if headset is not None and self._report is not None:
+            seconds = round(time.monotonic() - session.started, 3)
+            code = session.code if session.code is not None else F.CLOSE_ABNORMAL
+            self._report(events.Closed(headset.id, seconds, code))
         if not self.sessions:
             self._idle.set()
 
@@ -174,6 +208,7 @@ class ProxyServer:
             "backend_reachable": reachable,
             "backend": self.options.backend_url,
             "connections": len(self.sessions),
+            "headsets": len(self.headsets),
             "max_connections": self.options.max_connections,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "pid": os.getpid(),
@@ -252,24 +287,26 @@ class ClientConn(asyncio.Protocol):
     def _dispatch(self, head: bytes) -> None:
         protocol = ServerProtocol(max_size=None)
         protocol.receive_data(head)
-        events = protocol.events_received()
-        if not events or not isinstance(events[0], Request):
+        received = protocol.events_received()
+        if not received or not isinstance(received[0], Request):
             # Not HTTP: websockets wrote its own 4xx (or nothing) into data_to_send.
             self._answer(b"".join(protocol.data_to_send()), note="malformed request")
             return
-        request = events[0]
+        request = received[0]
         path = http.route_path(request)
-        if http.is_preflight(request):
+        if not self.server.admits(self.transport):
+            log.warning("client=%s refused: not in proxy.allow", self.peer)
+            self._answer(http.forbidden(), request, 403)
+        elif http.is_preflight(request):
             self._answer(http.preflight(), request, 200)
         elif http.is_upgrade(request):
             self._upgrade(protocol, request)
         elif request.method in ("GET", "HEAD"):
             head_only = request.method == "HEAD"
             if path == http.HEALTH_PATH:
-                self.answered = True
-                self.task = self.server.spawn(self, self._health(request, head_only))
-                if self.task is None:
-                    self.abandon()
+                self._work(self._health(request, head_only))
+            elif self.server.options.client_dir is not None and static.is_client_path(path):
+                self._work(self._static(request, head_only))
             else:
                 self._answer(http.cert_page(head_only=head_only), request, 200)
         else:
@@ -296,6 +333,23 @@ class ClientConn(asyncio.Protocol):
             )
         elif note:
             log.info("client=%s %s", self.peer, note)
+
+    def _work(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Answer from a task (a probe, a file read): off the protocol callbacks."""
+        self.answered = True
+        self.task = self.server.spawn(self, coro)
+        if self.task is None:
+            self.abandon()
+
+    async def _static(self, request: Request, head_only: bool) -> None:
+        root = self.server.options.client_dir
+        assert root is not None
+        loop = asyncio.get_running_loop()
+        read = functools.partial(static.serve, root, request.path, head_only=head_only)
+        answer = await loop.run_in_executor(None, read)
+        if answer.note:
+            log.info("client=%s %s: %s", self.peer, http.route_path(request), answer.note)
+        self._answer(answer.data, request, answer.status)
 
     async def _health(self, request: Request, head_only: bool) -> None:
         options = self.server.options
@@ -408,6 +462,7 @@ class ClientConn(asyncio.Protocol):
             session.fail(code, reason)
         else:
             session.attach_backend(backend.transport)
+            self.server.headset_opened(session, self.request.headers.get("User-Agent", ""))
             backend.transport.set_protocol(session.b2c)
             if backend.extra:
                 session.b2c.data_received(bytes(backend.extra))
@@ -418,78 +473,6 @@ class ClientConn(asyncio.Protocol):
         if self.extra and not session.done:
             session.c2b.data_received(bytes(self.extra))
         return True
-
-
-class BackendConn(asyncio.Protocol):
-    """The backend leg until its handshake completes."""
-
-    def __init__(
-        self, request: Request, offered: Sequence[Subprotocol], options: ProxyOptions
-    ) -> None:
-        self.protocol = ClientProtocol(
-            parse_uri(f"{options.backend_url}/"), subprotocols=offered or None, max_size=None
-        )
-        ours = self.protocol.connect()
-        headers = ours.headers
-        for name, value in http.end_to_end_headers(request):
-            headers[name] = value
-        self.protocol.send_request(Request(request.path, headers))
-        self.request_bytes = b"".join(self.protocol.data_to_send())
-        self.handshake: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.extra = bytearray()
-        self.lost: tuple[Exception | None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self.request_bytes)
-
-    def data_received(self, data: bytes) -> None:
-        if self.handshake.done():
-            self.extra += data
-            return
-        self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buffer) > MAX_HEAD:
-                self._reject("response head too large")
-            return
-        head = bytes(self.buffer[: end + 4])
-        self.extra = self.buffer[end + 4 :]
-        status = head.split(b"\r\n", 1)[0].decode("latin-1")
-        if not head.startswith(b"HTTP/1.1 101 "):
-            self._reject(status)
-            return
-        self.protocol.receive_data(head)
-        self.protocol.events_received()
-        if self.protocol.handshake_exc is not None:
-            self._reject(str(self.protocol.handshake_exc))
-            return
-        self.handshake.set_result(self.protocol.subprotocol)
-
-    def discard(self) -> None:
-        """Abort this leg (unused); consumes a failed handshake so nothing warns about it."""
-        if self.transport is not None:
-            self.transport.abort()
-        if self.handshake.done() and not self.handshake.cancelled():
-            self.handshake.exception()
-        else:
-            self.handshake.cancel()
-
-    def _reject(self, why: str) -> None:
-        if not self.handshake.done():
-            self.handshake.set_exception(BackendRejected(why))
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = (exc,)
-        if not self.handshake.done():
-            closed = ConnectionResetError("backend closed the connection")
-            self.handshake.set_exception(exc or closed)
 
 
 def _format_address(address: object) -> str:

@@ -15,35 +15,73 @@ from pathlib import Path
 from cxrd import constants as C
 from cxrd.config import Config
 from cxrd.errors import AlreadyServing, CxrdError
+from cxrd.proxy import events
 from cxrd.proxy.launch import ProxyLaunch, prepare_proxy
 from cxrd.runtimes import RuntimeLaunch, prepare_runtime
 from cxrd.system import rundir, siblings
 from cxrd.system.diagnosis import log_section, newest_log
 from cxrd.system.envfile import write_env_file
-from cxrd.system.process import read_ready_line
 from cxrd.system.readiness import wait_for_file
 
 
 class Pipe:
-    """A ready pipe: the child writes READY to ``write_fd``; we wait on the read end."""
+    """A ready pipe: the child writes READY to ``write_fd``, then one line per session event."""
 
     def __init__(self) -> None:
         self._read, self.write_fd = os.pipe()
         self._write_open = True
         self._read_open = True
+        self._reader: asyncio.StreamReader | None = None
+        self._transport: asyncio.ReadTransport | None = None
 
     def close_write(self) -> None:
         if self._write_open:
             self._write_open = False
             os.close(self.write_fd)
 
+    async def _lines(self) -> asyncio.StreamReader:
+        if self._reader is None:
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader(limit=events.MAX_LINE)
+            self._read_open = False  # the transport owns and closes it from here
+            self._transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader),
+                os.fdopen(self._read, "rb", buffering=0),
+            )
+            self._reader = reader
+        return self._reader
+
     async def wait(self) -> None:
-        self._read_open = False  # read_ready_line owns and closes it from here
-        await read_ready_line(self._read)
+        reader = await self._lines()
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:  # a line over the limit: not ours, skipped
+                continue
+            if line == events.READY_LINE:
+                return
+            if not line:
+                # Closed without READY: its exit (raced elsewhere) tells the story.
+                await asyncio.get_running_loop().create_future()
+
+    async def next_event(self) -> events.SessionEvent | None:
+        reader = await self._lines()
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:
+                continue
+            if not line:
+                return None
+            event = events.decode(line)
+            if event is not None:
+                return event
 
     def close(self) -> None:
         self.close_write()
-        if self._read_open:
+        if self._transport is not None:
+            self._transport.close()
+        elif self._read_open:
             self._read_open = False
             os.close(self._read)
 

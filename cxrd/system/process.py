@@ -256,33 +256,6 @@ class Guard:
             self._reaper.disown(self._proc.pid)
 
 
-async def read_ready_line(fd: int) -> None:
-    """Return when the child writes READY on its ready pipe; wait on if it closes without."""
-    loop = asyncio.get_running_loop()
-    got: asyncio.Future[None] = loop.create_future()
-    buf = bytearray()
-
-    def on_readable() -> None:
-        try:
-            chunk = os.read(fd, 64)
-        except BlockingIOError:
-            return
-        buf.extend(chunk)
-        if b"READY\n" in buf and not got.done():
-            got.set_result(None)
-        elif not chunk:
-            # Closed without READY: its exit (raced elsewhere) tells the story.
-            loop.remove_reader(fd)
-
-    os.set_blocking(fd, False)
-    loop.add_reader(fd, on_readable)
-    try:
-        await got
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
 def _killpg(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
