@@ -5,6 +5,7 @@ lives in :mod:`cxrd.dbus.client` (asyncio) and :mod:`cxrd.dbus.blocking`
 (blocking, safe from any thread, including one running an asyncio loop).
 """
 
+from cxrd.core.snapshot import Headset
 from cxrd.dbus.blocking import CloudXRClient, call_blocking
 from cxrd.dbus.client import CALL_TIMEOUT as CALL_TIMEOUT
 from cxrd.dbus.client import START_TIMEOUT as START_TIMEOUT
@@ -12,6 +13,7 @@ from cxrd.dbus.client import TIMEOUT_SLACK as TIMEOUT_SLACK
 from cxrd.dbus.client import (
     AsyncCloudXRClient,
     ClientEvent,
+    HeadsetEvent,
     LeaseInfo,
     OwnerEvent,
     PropertiesEvent,
@@ -24,6 +26,8 @@ __all__ = [
     "AsyncCloudXRClient",
     "ClientEvent",
     "CloudXRClient",
+    "Headset",
+    "HeadsetEvent",
     "LeaseInfo",
     "OwnerEvent",
     "PropertiesEvent",

@@ -85,7 +85,8 @@ def test_status_of_a_ready_daemon_exits_0_and_says_so(ready_daemon: BusDaemon) -
     assert shown.returncode == 0, shown.stderr
     assert "ready" in shown.stdout and "\033[" not in shown.stdout  # no colour into a pipe
     assert "simulated runtime, not NVIDIA CloudXR" in shown.stdout
-    assert f"wss://127.0.0.1:{ready_daemon.denv.proxy_port}/" in shown.stdout
+    port = ready_daemon.denv.proxy_port
+    assert f"https://127.0.0.1:{port}/client/?serverIP=127.0.0.1&port={port}" in shown.stdout
     data = json.loads(cxrctl(ready_daemon, "status", "--json").stdout)
     assert data["running"] is True and data["state"] == "ready"
     assert data["runtime"]["pid"] > 0 and data["device_profile"] == "Quest3"

@@ -71,7 +71,10 @@ def test_status_and_properties_describe_the_ready_runtime(ready_daemon: BusDaemo
         assert proxy["pid"] == props["ProxyPid"] > 0
         assert proxy["port"] == ready_daemon.denv.proxy_port
         assert proxy["url"] == props["ProxyUrl"]
-        assert props["ProxyUrl"].startswith("wss://") and str(proxy["port"]) in props["ProxyUrl"]
+        port = proxy["port"]
+        client_url = f"https://127.0.0.1:{port}/client/?serverIP=127.0.0.1&port={port}"
+        assert props["ProxyUrl"] == client_url == props["HeadsetUrls"][0]
+        assert proxy["headset_urls"] == props["HeadsetUrls"] and props["Headsets"] == []
         assert values["device_profile"] == props["DeviceProfile"] == "Quest3"
         assert values["environment"] == props["Environment"]
         assert props["Environment"]["NV_DEVICE_PROFILE"] == "Quest3"

@@ -23,6 +23,7 @@ from cxrd.proxy import frames as F
 from cxrd.proxy.certs import ensure_certificate, generate_pair, validate_pair
 from cxrd.proxy.launch import prepare_proxy
 from cxrd.proxy.relay import Half
+from cxrd.system.addresses import ipv4_addresses
 from cxrd.system.listeners import bind_listener, port_holder
 
 # Certificates ---------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_prepare_proxy_makes_a_certificate_binds_and_describes_the_child(tmp_pat
     )
     launch = prepare_proxy(config)
     try:
-        assert launch.url == f"wss://127.0.0.1:{port}/"
+        assert launch.url == f"https://127.0.0.1:{port}/client/?serverIP=127.0.0.1&port={port}"
         assert launch.port == port
         assert launch.cert == tmp_path / "certs" / "server.crt" and launch.cert.exists()
         assert launch.log_path == tmp_path / "logs" / "wss.log"
@@ -224,11 +225,15 @@ def test_prepare_proxy_validates_a_configured_pair(tmp_path: Path) -> None:
     assert not (tmp_path / "install" / "certs").exists()  # nothing generated instead
 
 
-def test_url_on_every_address_uses_the_host_name(tmp_path: Path) -> None:
+def test_urls_on_every_address_name_each_ipv4_address_not_the_host_name(tmp_path: Path) -> None:
     config = Config(install_dir=str(tmp_path), proxy=ProxyConfig(host="0.0.0.0", port=free_port()))
     launch = prepare_proxy(config)
     launch.close()
-    assert launch.url == f"wss://{socket.gethostname()}:{launch.port}/"
+    addresses = ipv4_addresses() or ["127.0.0.1"]
+    port = launch.port
+    expected = [f"https://{a}:{port}/client/?serverIP={a}&port={port}" for a in addresses]
+    assert list(launch.urls[: len(addresses)]) == expected
+    assert all(socket.gethostname() + ":" not in url for url in launch.urls)
 
 
 # The frame scanner ---------------------------------------------------------------

@@ -10,9 +10,13 @@ from collections.abc import Coroutine
 from typing import Any
 
 from cxrd.cli.common import Out, with_client
+from cxrd.cli.urls import describe_agent
 from cxrd.client import AsyncCloudXRClient
 from cxrd.core.snapshot import Snapshot
-from cxrd.errors import NotRunning
+from cxrd.errors import NotRunning, Timeout
+
+DEFAULT_WAIT = 90.0  # seconds `cxrctl wait` waits for ready when not told
+EXIT_NO_HEADSET = 3  # `cxrctl wait --headset`: none came in time
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -47,13 +51,33 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
+    if args.headset:
+        return _wait_headset(args.timeout)
+
     async def wait(client: AsyncCloudXRClient) -> int:
-        coro = client.wait_ready(args.timeout)
+        coro = client.wait_ready(args.timeout or DEFAULT_WAIT)
         snap, elapsed = await _with_progress("Waiting for CloudXR", coro)
         _print_ready(snap, f"ready after {elapsed:.1f} s")
         return 0
 
     return with_client(args, wait)
+
+
+def _wait_headset(timeout: float | None) -> int:
+    """Exit 0 once a headset is connected, 3 when none comes within ``timeout``."""
+
+    async def wait(client: AsyncCloudXRClient) -> int:
+        headset = await client.wait_for_headset(timeout)
+        Out(sys.stdout).line(
+            f"headset connected: {headset.address} {describe_agent(headset.user_agent)}"
+        )
+        return 0
+
+    try:
+        return with_client(wait)
+    except Timeout as err:
+        Out(sys.stderr).line(f"cxrctl: {err}")
+        return EXIT_NO_HEADSET
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -96,5 +120,5 @@ def _print_ready(snap: Snapshot, words: str) -> None:
         f"{out.paint('●', '32')} CloudXR {words} (pid {snap.runtime.pid}, {snap.device_profile})"
     )
     if snap.proxy.url:
-        out.line(f"  proxy: {snap.proxy.url}")
+        out.line(f"  web client: {snap.proxy.url}  (`cxrctl url` lists every address)")
     out.line(f'  env:   {snap.env_file}  (eval "$(cxrctl env)")')

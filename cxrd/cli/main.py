@@ -23,9 +23,8 @@ from cxrd.cli.lifecycle import cmd_restart, cmd_start, cmd_stop, cmd_wait
 from cxrd.cli.logs import cmd_logs
 from cxrd.cli.setup_commands import cmd_accept_eula, cmd_doctor, cmd_install, cmd_uninstall
 from cxrd.cli.status import cmd_env, cmd_status
+from cxrd.cli.urls import cmd_url
 from cxrd.errors import CxrdError
-
-DEFAULT_WAIT = 90.0  # seconds `cxrctl wait` waits when not told
 
 
 def _report_error(err: CxrdError) -> int:
@@ -110,7 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="device profile for the new runtime")
 
     p = add("wait", cmd_wait, "wait until the runtime is ready, without starting it")
-    p.add_argument("--timeout", type=_positive, default=DEFAULT_WAIT, help="seconds (default 90)")
+    p.add_argument(
+        "--timeout", type=_positive, help="seconds (default 90; with --headset: no limit)"
+    )
+    p.add_argument(
+        "--headset", action="store_true", help="wait until a headset is connected (3 on timeout)"
+    )
+
+    p = add("url", cmd_url, "print the URLs to open on a headset (certificate page, web client)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--qr", action="store_true", help="draw the web client's URL as a QR code")
 
     p = add("env", cmd_env, 'print the runtime\'s environment: eval "$(cxrctl env)"')
     p.add_argument("--shell", choices=("sh", "fish", "json"), default="sh")

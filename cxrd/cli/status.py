@@ -27,6 +27,7 @@ from typing import Any
 
 from cxrd import constants as C
 from cxrd.cli.common import Out, config_from_args, instance_from_args, with_client
+from cxrd.cli.urls import describe_agent
 from cxrd.client import AsyncCloudXRClient
 from cxrd.config import Config, parse_listen
 from cxrd.core.snapshot import Snapshot
@@ -196,9 +197,11 @@ def _print_status(
         rows.append(("Last exit", snap.runtime.last_exit))
     if snap.proxy.url or snap.proxy.pid:
         pid = f"pid {snap.proxy.pid}" if snap.proxy.pid else _child_down(snap.proxy.state)
-        rows.append(("Proxy", f"{snap.proxy.url or '-'} ({pid})"))
+        rows.append(("Proxy", f"port {snap.proxy.port or '-'} ({pid})"))
         if snap.proxy.restarts:
             rows.append(("Proxy restarts", str(snap.proxy.restarts)))
+        rows.append(("Web client", snap.proxy.url or "-"))
+        rows.extend(_headset_rows(snap))
     rows.append(("Profile", snap.device_profile))
     rows.append(("GPU", gpu_text(snap.gpu)))
     if snap.signaling_port:
@@ -229,6 +232,23 @@ def _child_down(state: str) -> str:
 def gpu_text(gpu: int) -> str:
     """``runtime.gpu`` for a person: the CUDA index, or that it is not pinned."""
     return f"CUDA {gpu}" if gpu >= 0 else "not pinned (the driver's default)"
+
+
+def _headset_rows(snap: Snapshot) -> list[tuple[str, str]]:
+    """ "Headsets: 1 — 192.168.1.23 Quest browser, 3min 2s", one row per headset."""
+    if not snap.headsets:
+        return [("Headsets", "0 (web clients through the proxy)")]
+    now = time.time()
+    rows = []
+    for n, h in enumerate(snap.headsets):
+        what = f"{h.address} {describe_agent(h.user_agent)}, {_duration(now - h.since)}"
+        rows.append(
+            (
+                "Headsets" if n == 0 else "",
+                f"{len(snap.headsets)} — {what}" if n == 0 else f"  {what}",
+            )
+        )
+    return rows
 
 
 def _snapshot_json(snap: Snapshot) -> dict[str, Any]:

@@ -13,15 +13,14 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
-from cxrd.core.snapshot import Snapshot
+from cxrd.core.snapshot import Headset, Snapshot
 from cxrd.dbus.client import (
     CALL_TIMEOUT,
     START_TIMEOUT,
     AsyncCloudXRClient,
     LeaseInfo,
-    environment_applied,
-    release_failure_logged,
 )
+from cxrd.dbus.leasing import environment_applied, release_failure_logged
 from cxrd.errors import NotRunning, Timeout
 
 _BLOCKING_LIMIT = 2 * START_TIMEOUT
@@ -131,6 +130,12 @@ class CloudXRClient:
 
     def wait_gone(self, timeout: float) -> None:
         self._thread.run(self._client.wait_gone(timeout))
+
+    def headsets(self) -> tuple[Headset, ...]:
+        return self._thread.run(self._client.headsets())
+
+    def wait_for_headset(self, timeout: float | None = None) -> Headset:
+        return self._thread.run(self._client.wait_for_headset(timeout))
 
     def environment(self) -> dict[str, str]:
         return self._thread.run(self._client.environment())

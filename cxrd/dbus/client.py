@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +20,11 @@ from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from cxrd.constants import DBUS, DBUS_PATH, INTERFACE, OBJECT_PATH, PROPERTIES
-from cxrd.core.snapshot import Snapshot
+from cxrd.core.snapshot import Headset, Snapshot
 from cxrd.core.states import State, StateChanged
 from cxrd.dbus import wire
 from cxrd.dbus.connection import CONNECT_ERRORS, connect, require_session_bus
+from cxrd.dbus.leasing import environment_applied, release_failure_logged
 from cxrd.errors import (
     AccessDenied,
     Busy,
@@ -66,9 +66,21 @@ class OwnerEvent:
     owner: str
 
 
+@dataclass(frozen=True)
+class HeadsetEvent:
+    """``HeadsetConnected`` (``connected``) or ``HeadsetDisconnected`` (seconds, close code)."""
+
+    connected: bool
+    id: str
+    address: str
+    user_agent: str = ""
+    seconds: float = 0.0
+    close_code: int = 0
+
+
 # The daemon's StateChanged signal, as the client sees it.
 StateEvent = StateChanged
-ClientEvent = StateEvent | PropertiesEvent | OwnerEvent
+ClientEvent = StateEvent | PropertiesEvent | OwnerEvent | HeadsetEvent
 
 
 @dataclass(frozen=True)
@@ -349,6 +361,28 @@ class AsyncCloudXRClient:
             raise Timeout(f"cxrd was not ready within {limit:g} s") from None
         raise NotRunning("the bus connection closed")  # the event stream only ends with it
 
+    async def headsets(self) -> tuple[Headset, ...]:
+        """The headset sessions open through the proxy now (web clients only)."""
+        return (await self.status()).headsets
+
+    async def wait_for_headset(self, timeout: float | None = None) -> Headset:
+        """A connected headset: one already there, else the next one; never starts cxrd.
+
+        A daemon not on the bus yet is waited for. :class:`Timeout` after
+        ``timeout`` seconds (None: no limit).
+        """
+        try:
+            async with asyncio.timeout(timeout), self.watch() as events:
+                with contextlib.suppress(NotRunning):
+                    if there := await self.headsets():
+                        return there[0]
+                async for event in events:
+                    if isinstance(event, PropertiesEvent) and event.changed.get("Headsets"):
+                        return wire.headset_from_wire(event.changed["Headsets"][0])
+        except TimeoutError:
+            raise Timeout(f"no headset connected within {timeout:g} s") from None
+        raise NotRunning("the bus connection closed")
+
     async def environment(self) -> dict[str, str]:
         """The runtime's environment (what ``run/cloudxr.env`` holds)."""
         return dict((await self.status()).environment)
@@ -430,6 +464,11 @@ class AsyncCloudXRClient:
                 event = StateEvent(
                     new=wire.state_from_wire(new), old=wire.state_from_wire(old), reason=reason
                 )
+            elif msg.interface == INTERFACE and msg.member == "HeadsetConnected":
+                event = HeadsetEvent(True, *msg.body)
+            elif msg.interface == INTERFACE and msg.member == "HeadsetDisconnected":
+                hid, address, seconds, code = msg.body
+                event = HeadsetEvent(False, hid, address, seconds=seconds, close_code=code)
             elif (
                 msg.interface == PROPERTIES
                 and msg.member == "PropertiesChanged"
@@ -440,33 +479,3 @@ class AsyncCloudXRClient:
         if event is not None:
             for queue in self._watchers:
                 queue.put_nowait(event)
-
-
-@contextlib.contextmanager
-def environment_applied(env: Mapping[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``env`` on top for the block, as it was after it."""
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@contextlib.contextmanager
-def release_failure_logged(lease_id: str) -> Iterator[None]:
-    """Wrap the Release that ends a lease whose block raised: log a failure, never raise it.
-
-    The block's error is the one the caller must see. After a Busy retry the
-    lease was the old daemon's, and the fresh one answers NoSuchLease.
-    """
-    try:
-        yield
-    except NotRunning:
-        pass  # the daemon is gone, and the lease with it
-    except Exception as err:
-        _log.warning("could not release lease %s: %s", lease_id, err)

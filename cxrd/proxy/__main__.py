@@ -5,7 +5,8 @@ keeps for its whole life, so clients queue in the kernel while the proxy
 restarts; it tells the daemon it serves by writing ``READY`` to
 ``--ready-fd``, then goes on writing there one line per headset session that
 opens or closes (:mod:`cxrd.proxy.events`). It dies with its parent
-(parent-death signal), and on SIGTERM closes every client with 1001 and exits 0. It never imports the supervisor.
+(parent-death signal), and on SIGTERM closes every client with 1001 and
+exits 0. It never imports the supervisor.
 """
 
 from __future__ import annotations
