@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 # the user manager, systemctl, busctl; libglib2.0-bin: gdbus (tests use a D-Bus
 # tool nobody here wrote); openssl: certificate checks; python3-venv: .venv;
 # util-linux: unshare (cxrd as PID 1 of a fresh PID namespace); tini: the same under an init.
-packages=(dbus dbus-user-session dbus-bin systemd openssl libglib2.0-bin python3-venv procps util-linux tini)
+# chromium: the headless browser the headset tests open the web client in.
+packages=(dbus dbus-user-session dbus-bin systemd openssl libglib2.0-bin python3-venv procps util-linux tini chromium)
 
 installed() {
     dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null | grep -qx installed
