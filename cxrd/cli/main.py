@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrd import __version__
+from cxrd.cli.assets import cmd_cert, cmd_client
 from cxrd.cli.common import Out
 from cxrd.cli.instances import cmd_instances
 from cxrd.cli.lifecycle import cmd_restart, cmd_start, cmd_stop, cmd_wait
@@ -144,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
         where.add_argument("--system-prefix", metavar="DIR", help="for every user, e.g. /usr/local")
         if name == "install":
             p.add_argument("--force", action="store_true", help="replace files cxrd did not write")
+
+    p = add("cert", cmd_cert, "renew the proxy's generated certificate")
+    p.add_argument("action", choices=("renew",))
+
+    p = add("client", cmd_client, "put the CloudXR web client where the proxy serves it")
+    p.add_argument("action", choices=("fetch",))
+    p.add_argument(
+        "--from",
+        dest="source",
+        metavar="URL|DIR",
+        help="another base URL, or a directory (default: the build for the installed runtime)",
+    )
+    p.add_argument("--force", action="store_true", help="replace a client already there")
 
     add("doctor", cmd_doctor, "check what running CloudXR needs, and say how to fix it")
     return parser

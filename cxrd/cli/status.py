@@ -201,6 +201,8 @@ def _print_status(
         if snap.proxy.restarts:
             rows.append(("Proxy restarts", str(snap.proxy.restarts)))
         rows.append(("Web client", snap.proxy.url or "-"))
+        if snap.proxy.certificate:
+            rows.append(("Certificate", out.paint(snap.proxy.certificate, "33")))
         rows.extend(_headset_rows(snap))
     rows.append(("Profile", snap.device_profile))
     rows.append(("GPU", gpu_text(snap.gpu)))

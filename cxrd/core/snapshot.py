@@ -27,6 +27,7 @@ class ProxyStatus:
     port: int = 0
     url: str = ""  # the first client URL (https://<ip>:<port>/client/?...); "" when disabled
     headset_urls: tuple[str, ...] = ()  # every client URL, as `cxrctl url` prints them
+    certificate: str = ""  # a notice: renewed at start (accept it again), or expiring soon
     restarts: int = 0
     last_exit: str = ""
     state: str = ""  # the proxy's own state: a proxy that gave up leaves the daemon ready

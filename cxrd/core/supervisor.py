@@ -134,6 +134,7 @@ class Supervisor(Operations):
                 port=proxy.port if proxy is not None else 0,
                 url=proxy.urls[0] if proxy is not None and proxy.urls else "",
                 headset_urls=proxy.urls if proxy is not None else (),
+                certificate=proxy.cert_note if proxy is not None else "",
                 restarts=px.restarts,
                 last_exit=px.last_exit,
                 state=str(px.state),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import itertools
+import logging
 import os
 import socket
 import ssl
@@ -26,8 +26,12 @@ from cryptography.x509.oid import NameOID
 
 from cxrd import constants as C
 from cxrd.errors import StartFailed
+from cxrd.system import addresses
+
+log = logging.getLogger(__name__)
 
 VALID_DAYS = 365
+RENEW_DAYS = 30  # a generated certificate this close to its end is replaced at start
 KEY_BITS = 2048
 COMMON_NAME = "localhost"
 
@@ -41,11 +45,17 @@ class CertInfo:
 
 
 def ensure_certificate(certs_dir: Path) -> tuple[Path, Path]:
-    """(cert, key) in ``certs_dir``: reused when valid, generated when both are absent."""
+    """(cert, key) in ``certs_dir``: reused when valid, generated when both are absent.
+
+    A pair there that expires within :data:`RENEW_DAYS` (or has expired) is
+    cxrd's own and is renewed (:func:`renew_certificate`).
+    """
     cert = certs_dir / C.CERT_FILE
     key = certs_dir / C.KEY_FILE
     have_cert, have_key = cert.exists(), key.exists()
     if have_cert and have_key:
+        if expires_soon(cert):
+            renew_certificate(certs_dir)
         validate_pair(cert, key)
         return cert, key
     if have_cert or have_key:
@@ -104,6 +114,39 @@ def generate_pair(cert: Path, key: Path, *, days: int = VALID_DAYS) -> None:
         raise StartFailed(f"{cert}: cannot write the certificate: {_why(exc)}") from None
 
 
+def expires_soon(cert: Path, days: int = RENEW_DAYS) -> bool:
+    """Whether ``cert`` ends within ``days`` (an unreadable one is for validate_pair)."""
+    try:
+        certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError):
+        return False
+    left = certificate.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    return left < dt.timedelta(days=days)
+
+
+def renew_certificate(certs_dir: Path) -> tuple[Path, Path]:
+    """Replace the generated pair in ``certs_dir`` with a new one, key first, each atomically.
+
+    Headsets trusted the old certificate, not this one: they must open the
+    certificate page again. Logged as a warning for that reason.
+    """
+    cert, key = certs_dir / C.CERT_FILE, certs_dir / C.KEY_FILE
+    new_cert, new_key = cert.with_name(cert.name + ".new"), key.with_name(key.name + ".new")
+    new_key.unlink(missing_ok=True)
+    generate_pair(new_cert, new_key)
+    try:
+        new_key.replace(key)
+        new_cert.replace(cert)
+    except OSError as exc:
+        raise StartFailed(f"{cert}: cannot replace the certificate: {_why(exc)}") from None
+    log.warning(
+        "renewed the proxy's certificate %s; headsets must accept it again "
+        "(open https://<this host>:<port>/ on each)",
+        cert,
+    )
+    return cert, key
+
+
 def validate_pair(cert: Path, key: Path) -> CertInfo:
     """Check that the pair is readable, parseable, matching and current."""
     cert_pem = _read(cert, "certificate")
@@ -152,19 +195,15 @@ def _why(exc: OSError) -> str:
 
 
 def _host_names() -> list[x509.GeneralName]:
-    """localhost, loopback and this host's names and addresses, as SAN entries."""
+    """localhost, loopback, this host's names and every address `cxrctl url` prints."""
     dns = ["localhost"]
-    for name in (socket.gethostname(), socket.getfqdn()):
+    local = addresses.mdns_name()
+    for name in (socket.gethostname(), socket.getfqdn(), local):
         if name and name not in dns and not _is_ip(name):
             dns.append(name)
-    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
-        ipaddress.ip_address("127.0.0.1"),
-        ipaddress.ip_address("::1"),
-    ]
-    for address in _local_addresses():
-        if address not in addresses:
-            addresses.append(address)
-    return [*(x509.DNSName(n) for n in dns), *(x509.IPAddress(a) for a in addresses)]
+    ips = ["127.0.0.1", "::1", *addresses.ipv4_addresses(), *addresses.global_ipv6_addresses()]
+    unique = list(dict.fromkeys(ipaddress.ip_address(ip) for ip in ips))
+    return [*(x509.DNSName(n) for n in dns), *(x509.IPAddress(a) for a in unique)]
 
 
 def _is_ip(text: str) -> bool:
@@ -173,40 +212,3 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _local_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """This host's unicast addresses, from /proc (no extra packages, no traffic)."""
-    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
-    try:
-        lines = Path("/proc/net/fib_trie").read_text().splitlines()
-    except OSError:
-        lines = []
-    for previous, line in itertools.pairwise(lines):
-        if line.strip() == "/32 host LOCAL":
-            text = previous.strip().removeprefix("|-- ")
-            try:
-                found.append(ipaddress.IPv4Address(text))
-            except ValueError:
-                continue
-    try:
-        rows = Path("/proc/net/if_inet6").read_text().splitlines()
-    except OSError:
-        rows = []
-    for row in rows:
-        fields = row.split()
-        if len(fields) >= 4 and fields[3] == "00":  # global scope only
-            try:
-                found.append(ipaddress.IPv6Address(int(fields[0], 16)))
-            except ValueError:
-                continue
-    try:
-        for info in socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_STREAM):
-            found.append(ipaddress.ip_address(info[4][0]))
-    except (OSError, ValueError):
-        pass
-    unique: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
-    for address in found:
-        if address not in unique and not address.is_unspecified and not address.is_link_local:
-            unique.append(address)
-    return unique

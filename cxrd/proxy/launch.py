@@ -10,6 +10,7 @@ passes to :meth:`ProxyLaunch.spec`.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 from cxrd import constants as C
 from cxrd.config import Config, ProxyConfig
 from cxrd.errors import StartFailed
-from cxrd.proxy.certs import ensure_certificate, validate_pair
+from cxrd.proxy.certs import ensure_certificate, expires_soon, validate_pair
 from cxrd.system.addresses import headset_urls
 from cxrd.system.listeners import bind_listener
 from cxrd.system.process import ChildSpec
@@ -39,6 +40,7 @@ class ProxyLaunch:
     settings: ProxyConfig = field(default_factory=ProxyConfig)
     backend_port: int = C.DEFAULT_BACKEND_PORT  # runtime.signaling_port
     client_dir: Path | None = None  # None: the web client is not hosted
+    cert_note: str = ""  # renewed at this start, or a user's pair near its end
 
     @property
     def url(self) -> str:
@@ -107,9 +109,19 @@ def prepare_proxy(config: Config, keep: ProxyLaunch | None = None) -> ProxyLaunc
     if settings.cert is not None and settings.key is not None:
         cert = Path(settings.cert).expanduser().absolute()
         key = Path(settings.key).expanduser().absolute()
-        validate_pair(cert, key)
+        info = validate_pair(cert, key)
+        note = ""
+        if expires_soon(cert):
+            note = f"{cert} expires on {info.not_after:%Y-%m-%d}: renew it (yours; cxrd never will)"
     else:
+        renewing = expires_soon(config.certs_dir / C.CERT_FILE)
         cert, key = ensure_certificate(config.certs_dir)
+        note = (
+            f"renewed on {dt.date.today():%Y-%m-%d}: each headset must accept it again "
+            "(open the certificate page, `cxrctl url`)"
+            if renewing
+            else ""
+        )
     logs = config.logs_dir
     try:
         logs.mkdir(parents=True, exist_ok=True)
@@ -134,4 +146,5 @@ def prepare_proxy(config: Config, keep: ProxyLaunch | None = None) -> ProxyLaunc
         settings=settings,
         backend_port=config.runtime.signaling_port,
         client_dir=config.client_path if settings.host_client else None,
+        cert_note=note,
     )

@@ -42,6 +42,21 @@ def ipv4_addresses() -> list[str]:
     return found
 
 
+def global_ipv6_addresses() -> list[str]:
+    """Each global-scope IPv6 address of an interface that is up."""
+    stats = psutil.net_if_stats()
+    found: list[str] = []
+    for name, addrs in psutil.net_if_addrs().items():
+        if name in stats and not stats[name].isup:
+            continue
+        for addr in addrs:
+            if addr.family == socket.AF_INET6:
+                ip = ipaddress.IPv6Address(addr.address.split("%", 1)[0])
+                if ip.is_global and str(ip) not in found:
+                    found.append(str(ip))
+    return found
+
+
 def mdns_name() -> str | None:
     """``<hostname>.local`` when it resolves (nss-mdns and avahi), else None."""
     name = socket.gethostname().split(".")[0]

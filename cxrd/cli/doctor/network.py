@@ -12,6 +12,7 @@ from cxrd.cli.doctor.bus import BusFacts
 from cxrd.cli.doctor.check import Check
 from cxrd.config import Config
 from cxrd.errors import CxrdError
+from cxrd.system.addresses import headset_hosts
 
 CERT_WARN_DAYS = 30
 
@@ -89,4 +90,27 @@ def check_certificate(config: Config) -> Check:
     until = f"{info.not_after:%Y-%m-%d}"
     if left < dt.timedelta(days=CERT_WARN_DAYS):
         return Check("certificate", "warn", f"{cert} expires in {left.days} days ({until})", renew)
+    missing = [h for h in headset_hosts(config.proxy.host) if h not in info.sans]
+    if missing:
+        fix = "cxrctl cert renew && cxrctl restart" if config.proxy.cert is None else renew
+        return Check(
+            "certificate",
+            "warn",
+            f"{cert} does not name {', '.join(missing)}: headsets using it will see a warning",
+            fix,
+        )
     return Check("certificate", "ok", f"{cert} valid until {until} ({left.days} days)")
+
+
+def check_web_client(config: Config) -> Check:
+    if not config.proxy.enabled or not config.proxy.host_client:
+        return Check("web client", "ok", "not hosted (proxy.host_client = false)")
+    where = config.client_path
+    if not (where / "index.html").is_file():
+        return Check(
+            "web client",
+            "warn",
+            f"no index.html in {where}: /client/ says how to get it",
+            "cxrctl client fetch   (offline: cxrctl client fetch --from DIR)",
+        )
+    return Check("web client", "ok", f"served from {where} at /client/")
