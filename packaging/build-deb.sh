@@ -81,6 +81,12 @@ install -m 0644 "$repo/dbus/io.github.cxrd.Daemon1.service" \
     "$stage/usr/share/dbus-1/services/io.github.cxrd.Daemon1.service"
 [[ -f $repo/README.md ]] && install -m 0644 "$repo/README.md" "$stage/usr/share/doc/cxrd/README.md"
 install -m 0644 "$here/README.md" "$stage/usr/share/doc/cxrd/README.Debian.md"
+# Firewall services for the proxy, signaling and media ports (and native clients'):
+# installed, never enabled (`firewall-cmd --add-service=cloudxr`, `ufw allow CloudXR`).
+install -d "$stage/usr/lib/firewalld/services" "$stage/etc/ufw/applications.d"
+install -m 0644 "$here/firewalld/cloudxr.xml" "$here/firewalld/cloudxr-native.xml" \
+    "$stage/usr/lib/firewalld/services/"
+install -m 0644 "$here/ufw/cloudxr" "$stage/etc/ufw/applications.d/cloudxr"
 
 # Copyright: cxrd, then every distribution vendored into the venv with its licence.
 "$venv/bin/python" -I - "$stage/usr/share/doc/cxrd/copyright" <<'PY'
@@ -119,6 +125,7 @@ for name in sys.stdin:
 print("%d.%d" % best)')
 
 install -d "$stage/DEBIAN"
+echo /etc/ufw/applications.d/cloudxr >"$stage/DEBIAN/conffiles"
 size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
 cat >"$stage/DEBIAN/control" <<EOF
 Package: cxrd

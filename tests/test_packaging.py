@@ -66,6 +66,9 @@ def test_package_holds_the_units_the_activation_file_and_cxrd(built: Built) -> N
         "/usr/lib/cxrd/lib/python3.11/site-packages/cxrd/daemon.py",
         "/usr/lib/cxrd/lib/python3.11/site-packages/cxrd/data/cloudxr.service",
         "/usr/share/doc/cxrd/copyright",
+        "/usr/lib/firewalld/services/cloudxr.xml",
+        "/usr/lib/firewalld/services/cloudxr-native.xml",
+        "/etc/ufw/applications.d/cloudxr",
     ):
         assert path in built.files, f"{path} missing from {built.deb.name}"
     assert built.files["/usr/bin/cxrd"].endswith("-> ../lib/cxrd/bin/cxrd")
@@ -79,6 +82,11 @@ def test_package_holds_the_units_the_activation_file_and_cxrd(built: Built) -> N
     assert "\nExecStart=/usr/bin/cxrd --bus session --instance %i\n" in template
     activation = built.root / "usr/share/dbus-1/services/io.github.cxrd.Daemon1.service"
     assert "SystemdService=cloudxr.service" in activation.read_text()
+    firewalld = (built.root / "usr/lib/firewalld/services/cloudxr.xml").read_text()
+    for port in ('protocol="tcp" port="48322"', 'protocol="tcp" port="49100"', 'port="47998"'):
+        assert port in firewalld
+    ufw = (built.root / "etc/ufw/applications.d/cloudxr").read_text()
+    assert "ports=48322,49100/tcp|47998/udp" in ufw and "[CloudXR native]" in ufw
     # Nothing the package owns is writable by others or owned by the builder.
     for line in built.files.values():
         mode, owner = line.split()[:2]
