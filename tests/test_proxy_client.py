@@ -8,12 +8,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_proxy import Backend, Proxy, backend, certs, fetch, open_ws, run  # noqa: F401
+from test_proxy import Backend, Proxy, fetch, open_ws, run
 from websockets.exceptions import InvalidStatus
 
+from cxrd.proxy.certs import ensure_certificate
 from cxrd.proxy.static import MAX_FILE_SIZE
 
 INDEX = b"<!doctype html><title>test client</title><script src=app.js></script>\n"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return ensure_certificate(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Backend]:
+    with Backend() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +45,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hosting(certs: Any, backend: Backend, site: Path) -> Iterator[Proxy]:  # noqa: F811
+def hosting(certs: Any, backend: Backend, site: Path) -> Iterator[Proxy]:
     running = Proxy(certs, backend.port, "--client-dir", str(site))
     yield running
     assert running.stop() == 0
@@ -41,7 +53,7 @@ def hosting(certs: Any, backend: Backend, site: Path) -> Iterator[Proxy]:  # noq
 
 def test_client_files_are_served_with_their_types_and_cache_rules(
     hosting: Proxy, certs: Any
-) -> None:  # noqa: F811, E501
+) -> None:
     status, headers, body = fetch(hosting, certs, "GET", "/client/?serverIP=10.0.0.5&port=48322")
     assert (status, body) == (200, INDEX)
     assert headers["Content-Type"] == "text/html; charset=utf-8"
@@ -54,7 +66,7 @@ def test_client_files_are_served_with_their_types_and_cache_rules(
     assert status == 200 and headers["Content-Type"] == "application/wasm"
 
 
-def test_bare_client_path_redirects_keeping_the_query(hosting: Proxy, certs: Any) -> None:  # noqa: F811
+def test_bare_client_path_redirects_keeping_the_query(hosting: Proxy, certs: Any) -> None:
     status, headers, _ = fetch(hosting, certs, "GET", "/client?serverIP=10.0.0.5&port=48322")
     assert status == 301
     assert headers["Location"] == "/client/?serverIP=10.0.0.5&port=48322"
@@ -62,7 +74,7 @@ def test_bare_client_path_redirects_keeping_the_query(hosting: Proxy, certs: Any
     assert (status, headers["Location"]) == (301, "/client/")
 
 
-def test_head_announces_the_length_without_a_body(hosting: Proxy, certs: Any) -> None:  # noqa: F811
+def test_head_announces_the_length_without_a_body(hosting: Proxy, certs: Any) -> None:
     status, headers, body = fetch(hosting, certs, "HEAD", "/client/index.html")
     assert status == 200 and body == b""
     assert headers["Content-Length"] == str(len(INDEX))
@@ -85,7 +97,7 @@ def test_head_announces_the_length_without_a_body(hosting: Proxy, certs: Any) ->
 )
 def test_nothing_outside_the_client_directory_or_over_the_bound_is_served(
     hosting: Proxy,
-    certs: Any,  # noqa: F811
+    certs: Any,
     path: str,
 ) -> None:
     status, _, body = fetch(hosting, certs, "GET", path)
@@ -95,7 +107,7 @@ def test_nothing_outside_the_client_directory_or_over_the_bound_is_served(
 
 def test_the_certificate_page_and_the_relay_still_answer_beside_the_client(
     hosting: Proxy,
-    certs: Any,  # noqa: F811
+    certs: Any,
 ) -> None:
     status, _, body = fetch(hosting, certs, "GET", "/")
     assert status == 200 and b"Certificate accepted" in body
@@ -109,8 +121,8 @@ def test_the_certificate_page_and_the_relay_still_answer_beside_the_client(
 
 
 def test_a_missing_client_answers_how_to_get_it(
-    certs: Any,  # noqa: F811
-    backend: Backend,  # noqa: F811
+    certs: Any,
+    backend: Backend,
     tmp_path: Path,
 ) -> None:
     empty = tmp_path / "static-client"
@@ -126,8 +138,8 @@ def test_a_missing_client_answers_how_to_get_it(
 
 
 def test_addresses_outside_proxy_allow_get_403_before_reaching_the_runtime(
-    certs: Any,  # noqa: F811
-    backend: Backend,  # noqa: F811
+    certs: Any,
+    backend: Backend,
 ) -> None:
     proxy = Proxy(certs, backend.port, "--allow", "192.0.2.0/24", "--allow", "10.1.2.3")
     try:
@@ -154,8 +166,8 @@ def test_addresses_outside_proxy_allow_get_403_before_reaching_the_runtime(
 
 
 def test_client_dir_is_not_served_when_hosting_is_off(
-    certs: Any,  # noqa: F811
-    backend: Backend,  # noqa: F811
+    certs: Any,
+    backend: Backend,
     site: Path,
 ) -> None:
     proxy = Proxy(certs, backend.port)
