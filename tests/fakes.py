@@ -19,6 +19,7 @@ from cxrd.config import Config, ProxyConfig, RestartConfig, RuntimeConfig
 from cxrd.core.states import ChildState, State
 from cxrd.core.supervisor import Supervisor
 from cxrd.errors import CxrdError, EulaNotAccepted, StartFailed
+from cxrd.proxy.events import SessionEvent
 from cxrd.proxy.launch import ProxyLaunch
 from cxrd.runtimes import RuntimeLaunch
 from cxrd.system.process import ChildSpec
@@ -127,14 +128,21 @@ class FakePipe:
     def __init__(self, world: World) -> None:
         self.world = world
         self.write_fd = -1
+        self.child: FakeChild | None = None
 
     def close_write(self) -> None:
         pass
 
     async def wait(self) -> None:
-        child = self.world.latest("proxy")
-        assert child is not None
-        await asyncio.shield(child.ready)
+        self.child = self.world.latest("proxy")
+        assert self.child is not None
+        await asyncio.shield(self.child.ready)
+
+    async def next_event(self) -> SessionEvent | None:
+        """No headset in the model: the pipe just closes when its proxy exits."""
+        assert self.child is not None
+        await self.child.wait()
+        return None
 
     def close(self) -> None:
         pass
@@ -175,7 +183,7 @@ class FakeHost:
             listener = FakeListener(self.world, s.port)
         return ProxyLaunch(
             listener=listener,
-            url=f"wss://127.0.0.1:{s.port}/",
+            urls=(f"https://127.0.0.1:{s.port}/client/?serverIP=127.0.0.1&port={s.port}",),
             port=s.port,
             log_path=Path("/dev/null"),
             cert=Path("/dev/null"),
