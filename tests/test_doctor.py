@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import glob
+import ipaddress
 import os
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from cxrd.cli.doctor.systemd import unit_exec_argv
 from cxrd.cli.install import install
 from cxrd.config import Config, ProxyConfig, RuntimeConfig
 from cxrd.system import eula
+from cxrd.system.addresses import headset_hosts, ipv4_addresses
 
 
 def make_config(tmp_path: Path, backend: str = "sim", **proxy: object) -> Config:
@@ -136,8 +138,20 @@ def test_a_taken_port_names_its_holder(tmp_path: Path, no_session: None) -> None
     assert by_name(run_checks(config))["proxy port"].level == "ok"
 
 
-def _write_pair(certs: Path, *, not_after: dt.datetime, other_key: bool = False) -> None:
+def _write_pair(
+    certs: Path,
+    *,
+    not_after: dt.datetime,
+    other_key: bool = False,
+    sans: list[str] | None = None,
+) -> None:
+    """A pair in ``certs``; its SANs name ``sans`` (default: what `cxrctl url` prints)."""
     certs.mkdir(parents=True, exist_ok=True)
+    named = headset_hosts("0.0.0.0") if sans is None else sans
+    general = [
+        x509.IPAddress(ipaddress.ip_address(h)) if h[0].isdigit() else x509.DNSName(h)
+        for h in named
+    ]
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = dt.datetime.now(dt.UTC)
@@ -149,6 +163,7 @@ def _write_pair(certs: Path, *, not_after: dt.datetime, other_key: bool = False)
         .serial_number(x509.random_serial_number())
         .not_valid_before(min(now, not_after) - dt.timedelta(days=1))
         .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName(general), critical=False)
         .sign(key, hashes.SHA256())
     )
     written = ec.generate_private_key(ec.SECP256R1()) if other_key else key
@@ -185,6 +200,18 @@ def test_certificate_expiry_and_mismatch(
     assert words in check.message
     if level != "ok":
         assert str(config.certs_dir / C.CERT_FILE) in check.fix
+
+
+@pytest.mark.skipif(not ipv4_addresses(), reason="this host has no address but loopback")
+def test_certificate_missing_a_current_address_warns_with_the_renewal(
+    tmp_path: Path, no_session: None
+) -> None:
+    config = make_config(tmp_path)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=200)
+    _write_pair(config.certs_dir, not_after=later, sans=["localhost", "127.0.0.1"])
+    check = by_name(run_checks(config))["certificate"]
+    assert check.level == "warn" and ipv4_addresses()[0] in check.message
+    assert check.fix.startswith("cxrctl cert renew")
 
 
 def test_run_dir_open_to_others_fails_with_chmod(tmp_path: Path, no_session: None) -> None:
@@ -247,3 +274,16 @@ def test_runtime_package_check_follows_the_backend(tmp_path: Path, no_session: N
 def test_unit_exec_argv_reads_systemd_quoting() -> None:
     text = '[Service]\nExecStart="/my envs/100%%/bin/python" -m cxrd --x $$HOME\n'
     assert unit_exec_argv(text) == ["/my envs/100%/bin/python", "-m", "cxrd", "--x", "$HOME"]
+
+
+def test_a_missing_web_client_warns_with_the_fetch_command(
+    tmp_path: Path, no_session: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TELEOP_WEB_CLIENT_STATIC_DIR", raising=False)
+    config = make_config(tmp_path)
+    check = by_name(run_checks(config))["web client"]
+    assert check.level == "warn" and str(config.client_path) in check.message
+    assert check.fix.startswith("cxrctl client fetch")
+    config.client_path.mkdir(parents=True)
+    (config.client_path / "index.html").write_text("<title>client</title>")
+    assert by_name(run_checks(config))["web client"].level == "ok"
