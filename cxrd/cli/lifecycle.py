@@ -52,7 +52,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     if args.headset:
-        return _wait_headset(args.timeout)
+        return _wait_headset(args, args.timeout)
 
     async def wait(client: AsyncCloudXRClient) -> int:
         coro = client.wait_ready(args.timeout or DEFAULT_WAIT)
@@ -63,7 +63,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return with_client(args, wait)
 
 
-def _wait_headset(timeout: float | None) -> int:
+def _wait_headset(args: argparse.Namespace, timeout: float | None) -> int:
     """Exit 0 once a headset is connected, 3 when none comes within ``timeout``."""
 
     async def wait(client: AsyncCloudXRClient) -> int:
@@ -74,7 +74,7 @@ def _wait_headset(timeout: float | None) -> int:
         return 0
 
     try:
-        return with_client(wait)
+        return with_client(args, wait)
     except Timeout as err:
         Out(sys.stderr).line(f"cxrctl: {err}")
         return EXIT_NO_HEADSET
