@@ -289,3 +289,21 @@ def test_a_runtime_that_dies_after_ready_during_the_first_start_is_a_crash(h: Ha
     h.ready("runtime")
     h.ready("proxy")
     assert h.sup.state is State.READY and h.sup.snapshot().runtime.restarts == 1
+
+
+def test_a_start_waits_for_a_reload_queued_before_it_that_restarts_the_runtime(
+    h: Harness,
+) -> None:
+    # Found by the model: the reload waits behind the first start; the Start that
+    # came after it must not be told ready just before that reload restarts the runtime.
+    h.call(h.sup.launch)
+    h.ready("proxy")
+    reload = h.reload_with(
+        replace(h.config, runtime=replace(h.config.runtime, device_profile="auto-native"))
+    )
+    start = h.call(lambda: h.sup.start())
+    h.ready("runtime")  # the first start is done; the reload now restarts the runtime
+    assert not start.done(), "answered ready while a queued reload was about to stop it"
+    h.ready("runtime")
+    assert reload.done() and start.done() and start.exception() is None
+    assert h.sup.snapshot().device_profile == "auto-native"

@@ -158,8 +158,8 @@ class Operation:
 
     @property
     def is_run(self) -> bool:
-        """Stops and starts the runtime: the public state goes through starting."""
-        return self.kind is not Kind.RELOAD or self.restart_runtime
+        """Stops and starts the runtime (or, a reload not read yet, may): Start waits."""
+        return self.kind is not Kind.RELOAD or self.restart_runtime or self.config is None
 
 
 def reload_changes(old: Config, new: Config) -> tuple[bool, bool, list[str]]:
