@@ -3,8 +3,11 @@
 #   1. Debian packages (the bus, systemd's user manager, openssl, ...) that are
 #      missing, with one `apt-get update` first when anything must be installed;
 #   2. .venv with cxrd installed editable, with its test tools and the CloudXR
-#      runtime package (`-e .[test,cloudxr]`), redone only when pyproject changes.
-# Usage: scripts/setup.sh   (root, or a user with sudo, for step 1 when needed)
+#      runtime package (`-e .[test,cloudxr]`), redone only when pyproject changes;
+#   3. with --floors, also .venv-floors: the same, but every dependency of
+#      [project] and of [cloudxr] at exactly its declared floor (the pins come
+#      from pyproject.toml through scripts/floors.py).
+# Usage: scripts/setup.sh [--floors]   (root, or a user with sudo, for step 1 when needed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +16,10 @@ cd "$(dirname "$0")/.."
 # tool nobody here wrote); openssl: certificate checks; python3-venv: .venv;
 # util-linux: unshare (cxrd as PID 1 of a fresh PID namespace); tini: the same under an init.
 # chromium: the headless browser the headset tests open the web client in.
-packages=(dbus dbus-user-session dbus-bin systemd openssl libglib2.0-bin python3-venv procps util-linux tini chromium)
+# man-db, mandoc: render and lint the man pages; bash-completion, zsh, fish: the
+# shells whose completions the tests query.
+packages=(dbus dbus-user-session dbus-bin systemd openssl libglib2.0-bin python3-venv procps
+    util-linux tini chromium man-db mandoc bash-completion zsh fish)
 
 installed() {
     dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null | grep -qx installed
@@ -49,16 +55,28 @@ import sys
 sys.exit(sys.version_info < (3, 11))
 PY
 
-if [[ ! -x .venv/bin/python ]]; then
-    echo "setup: creating .venv with $("$python" --version)"
-    "$python" -m venv .venv
-fi
-
-stamp=.venv/.cxrd-setup
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
-if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] || ! .venv/bin/python -c 'import cxrd, pytest' 2>/dev/null; then
-    echo "setup: installing cxrd into .venv (editable, with [test,cloudxr])"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,cloudxr]'
-    echo "$want" >"$stamp"
-fi
+# install_venv DIR [pip args]: cxrd editable with [test,cloudxr] into DIR, redone
+# only when pyproject.toml changes.
+install_venv() {
+    local venv=$1 stamp=$1/.cxrd-setup
+    shift
+    if [[ ! -x $venv/bin/python ]]; then
+        echo "setup: creating $venv with $("$python" --version)"
+        "$python" -m venv "$venv"
+    fi
+    if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] || ! "$venv/bin/python" -c 'import cxrd, pytest' 2>/dev/null; then
+        echo "setup: installing cxrd into $venv (editable, with [test,cloudxr]) $*"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" -e '.[test,cloudxr]'
+        echo "$want" >"$stamp"
+    fi
+}
+
+install_venv .venv
 echo "setup: ready (.venv/bin/cxrd, .venv/bin/cxrctl)"
+if [[ ${1:-} == --floors ]]; then
+    mkdir -p .venv-floors
+    .venv/bin/python scripts/floors.py --extra cloudxr >.venv-floors/constraints.txt
+    install_venv .venv-floors --constraint .venv-floors/constraints.txt
+    echo "setup: ready (.venv-floors at $(paste -sd' ' .venv-floors/constraints.txt))"
+fi

@@ -6,7 +6,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from importlib import metadata
+from pathlib import Path
+from typing import TypeVar, cast
+
+import pytest
 
 _T = TypeVar("_T")
 
@@ -33,3 +37,16 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def exported_env_reader() -> Callable[[Path], dict[str, str]]:
+    """isaacteleop's ``read_exported_env`` (1.5 on; skips the test on 1.4, which has none).
+
+    1.4 writes the same file but never reads it back (its launcher runs the
+    runtime in-process); there, the byte-for-byte and shell tests cover it.
+    """
+    module = pytest.importorskip("isaacteleop.cloudxr.env_config")
+    reader = getattr(module, "read_exported_env", None)
+    if reader is None:
+        pytest.skip(f"isaacteleop {metadata.version('isaacteleop')} has no read_exported_env")
+    return cast(Callable[[Path], dict[str, str]], reader)

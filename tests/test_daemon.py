@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from fixtures_daemon import DaemonEnv, NotifySocket, group_members, pid_alive
 from fixtures_dbus import BusDaemon
-from support import TIMEOUT, wait_until
+from support import TIMEOUT, exported_env_reader, wait_until
 
 from cxrd import errors
 from cxrd.client import CloudXRClient
@@ -174,8 +174,7 @@ def test_stderr_flood_does_not_block_the_start(daemon_env: DaemonEnv, notify: No
 
 
 def test_cloudxr_env_is_what_isaacteleop_reads(daemon_env: DaemonEnv, notify: NotifySocket) -> None:
-    from isaacteleop.cloudxr.env_config import read_exported_env
-
+    read_exported_env = exported_env_reader()
     daemon_env.start()
     notify.wait_for(ready)
     env_file = daemon_env.run_dir / "cloudxr.env"

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import TIMEOUT
+from support import TIMEOUT, exported_env_reader
 
 from cxrd.system.envfile import format_env, read_env_file, write_env_file
 
-isaacteleop_env = pytest.importorskip("isaacteleop.cloudxr.env_config")
+pytest.importorskip("isaacteleop.cloudxr.env_config")
 
 AWKWARD = {
     "PLAIN": "Quest3",
@@ -47,7 +47,7 @@ def shell_values(path: Path, keys: list[str]) -> dict[str, str]:
 def test_awkward_values_round_trip_through_isaacteleop_reader(tmp_path: Path) -> None:
     path = tmp_path / "cloudxr.env"
     write_env_file(path, AWKWARD)
-    assert isaacteleop_env.read_exported_env(path) == AWKWARD
+    assert exported_env_reader()(path) == AWKWARD
     assert read_env_file(path) == AWKWARD
 
 
@@ -107,10 +107,9 @@ def test_reads_the_file_isaacteleop_writes(tmp_path: Path) -> None:
         timeout=TIMEOUT * 3,
     ).stdout
     path = Path(out.strip().splitlines()[-1])
-    theirs = isaacteleop_env.read_exported_env(path)
-    assert theirs["NV_DEVICE_PROFILE"] == "x y"
-    assert read_env_file(path) == theirs
-    assert format_env(theirs) == path.read_text(), "the same bytes for the same environment"
+    ours = read_env_file(path)
+    assert ours["NV_DEVICE_PROFILE"] == "x y"
+    assert format_env(ours) == path.read_text(), "the same bytes for the same environment"
 
 
 def test_reading_a_malformed_line_names_it(tmp_path: Path) -> None:

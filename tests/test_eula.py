@@ -17,14 +17,18 @@ pytest.importorskip("isaacteleop.cloudxr.runtime")
 
 
 def isaacteleop_check(run_dir: Path, *, accept: bool = False) -> subprocess.CompletedProcess[str]:
-    """isaacteleop's own check_eula, with no terminal to prompt on (it exits 1 if not accepted)."""
+    """isaacteleop's own check_eula, with no terminal to prompt on (it exits 1 if not accepted).
+
+    The install dir comes from ``CXR_INSTALL_DIR``, as in the runtime's own
+    process: 1.4's check_eula takes no ``run_dir``.
+    """
     code = (
-        "import sys\n"
         "from isaacteleop.cloudxr.runtime import check_eula\n"
-        f"check_eula(accept_eula={True if accept else None}, run_dir=sys.argv[1])\n"
+        f"check_eula(accept_eula={True if accept else None})\n"
     )
     return subprocess.run(
-        [sys.executable, "-c", code, str(run_dir)],
+        [sys.executable, "-c", code],
+        env={**os.environ, "CXR_INSTALL_DIR": str(run_dir.parent)},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

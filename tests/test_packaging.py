@@ -14,6 +14,8 @@ import pytest
 from fixtures_systemd import UserManager
 from support import TIMEOUT, free_port
 
+pytestmark = pytest.mark.slow  # left out of the floors run (scripts/test.sh)
+
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN_PYTHON = Path("/usr/bin/python3.11")
 

@@ -27,6 +27,7 @@ from cxrd.errors import EulaNotAccepted, InvalidArgs, InvalidConfig, RuntimeUnav
 from cxrd.runtimes import RuntimeLaunch, prepare_runtime
 from cxrd.sim import faults as F
 from cxrd.system import eula
+from cxrd.system.envfile import read_env_file
 from cxrd.system.readiness import wait_for_file
 
 HAS_ISAACTELEOP = importlib.util.find_spec("isaacteleop") is not None
@@ -88,9 +89,7 @@ def test_environment_is_exactly_what_isaacteleop_env_config_resolves(tmp_path: P
         check=True,
         timeout=TIMEOUT * 3,
     ).stdout
-    from isaacteleop.cloudxr.env_config import read_exported_env
-
-    theirs = read_exported_env(out.strip().splitlines()[-1])
+    theirs = read_env_file(Path(out.strip().splitlines()[-1]))
 
     launch = prepare_runtime(make_config(tmp_path, **{"runtime.backend": "sim"}))
 
@@ -233,6 +232,49 @@ def test_isaacteleop_runtime_fails_for_real_without_a_gpu(
     assert not (config.run_dir / C.SENTINEL_FILE).exists()
 
 
+def isaaccapture_stand_in(site: Path) -> Path:
+    """A package named isaaccapture laid out like the wheel: cloudxr/runtime.py, native/.
+
+    Its ``run()`` does what the runtime's first visible step is: it creates the
+    sentinel in ``NV_CXR_RUNTIME_DIR`` (holding the ``LD_PRELOAD`` it was given).
+    """
+    package = site / "isaaccapture"
+    native = package / "cloudxr" / "native"
+    native.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "cloudxr" / "__init__.py").write_text("")
+    (package / "cloudxr" / "runtime.py").write_text(
+        "import os, pathlib\n"
+        "def run():\n"
+        "    run_dir = pathlib.Path(os.environ['NV_CXR_RUNTIME_DIR'])\n"
+        f"    (run_dir / {C.SENTINEL_FILE!r}).write_text(os.environ['LD_PRELOAD'])\n"
+    )
+    for name in ("libcloudxr.so", "libcrypto_nvst.so.3", "libssl_nvst.so.3"):
+        (native / name).write_bytes(b"")
+    return native
+
+
+def test_runtime_is_found_in_the_isaaccapture_namespace_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    native = isaaccapture_stand_in(site)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("ISAAC_TELEOP_CLOUDXR_EXP", "0")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    config = make_config(tmp_path)
+    eula.accept(config.install_path)
+    launch = prepare_runtime(config)
+    assert "isaaccapture" not in sys.modules, "found, not imported (its __init__ is heavy)"
+    assert launch.spec.argv[-1] == "from isaaccapture.cloudxr.runtime import run; run()"
+    preload = f"{native}/libcrypto_nvst.so.3 {native}/libssl_nvst.so.3"
+    assert launch.spec.env["LD_PRELOAD"] == preload
+    with spawned(launch) as proc:
+        assert proc.wait(timeout=TIMEOUT) == 0, launch.stderr_log.read_text()
+    assert (config.run_dir / C.SENTINEL_FILE).read_text() == preload
+
+
 def test_isaacteleop_missing_names_the_interpreter_and_what_to_install(tmp_path: Path) -> None:
     # -S: no site-packages, so this interpreter has cxrd (from the checkout) but not isaacteleop.
     code = (
@@ -257,7 +299,7 @@ def test_isaacteleop_missing_names_the_interpreter_and_what_to_install(tmp_path:
     assert result.returncode == RuntimeUnavailable.exit_code, result.stderr
     assert sys.executable in result.stdout
     assert "pip install 'cxrd[cloudxr]'" in result.stdout
-    assert "'isaacteleop' not found" in result.stdout
+    assert "no Python package 'isaaccapture' or 'isaacteleop' found" in result.stdout
 
 
 # --- sim -----------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from support import TIMEOUT, free_port, wait_until
 from cxrd import constants as C
 from cxrd import errors
 
+pytestmark = pytest.mark.slow  # left out of the floors run (scripts/test.sh)
+
 CXRCTL = str(Path(sys.executable).parent / "cxrctl")
 BUSCTL_DAEMON = ("io.github.cxrd.Daemon1", "/io/github/cxrd/Daemon1", "io.github.cxrd.Daemon1")
 

@@ -8,6 +8,9 @@ library into the install dir, removes stale run-dir files, sends stdout to
 /dev/null and stderr to ``logs/runtime_stderr.log``, and loads the native
 library. We do the same spawn, and find the package without importing it (its
 ``__init__`` pulls in the whole teleop stack).
+
+From 1.6 the wheel is ``isaaccapture`` (keeping ``isaacteleop`` imports for a
+while): its runtime is found first, and isaacteleop's after it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from cxrd.errors import EulaNotAccepted, RuntimeUnavailable
 from cxrd.runtimes._common import RuntimeLaunch, build_launch, ensure_dirs, runtime_environment
 from cxrd.system import eula
 
-PACKAGE: Final = "isaacteleop"
+# Where the runtime may live, newest name first.
+PACKAGES: Final = ("isaaccapture", "isaacteleop")
 STABLE: Final = "cloudxr"
 EXPERIMENTAL: Final = "cloudxr_exp"
 EXP_ENV: Final = "ISAAC_TELEOP_CLOUDXR_EXP"
@@ -61,38 +65,53 @@ def wants_experimental(env: Mapping[str, str]) -> bool:
     return raw in _TRUE
 
 
-def find_native_dir(subpackage: str, package: str = PACKAGE) -> Path:
-    """``<site-packages>/isaacteleop/<subpackage>/native``, holding ``libcloudxr.so``.
-
-    Raises :class:`RuntimeUnavailable` naming this interpreter and what to install.
-    """
+def _package_roots(package: str) -> list[str] | None:
+    """The directories of ``package``, or None when it is not installed."""
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         spec = None
-    if spec is None:
+    return None if spec is None else list(spec.submodule_search_locations or ())
+
+
+def find_native_dir(subpackage: str, packages: tuple[str, ...] = PACKAGES) -> tuple[str, Path]:
+    """The first of ``packages`` shipping ``<subpackage>/native/libcloudxr.so``, and that dir.
+
+    Raises :class:`RuntimeUnavailable` naming this interpreter and what to install.
+    """
+    searched: list[str] = []
+    found: list[str] = []
+    for package in packages:
+        roots = _package_roots(package)
+        if roots is None:
+            continue
+        found.append(package)
+        for root in roots:
+            native = Path(root) / subpackage / "native"
+            if (native / RUNTIME_LIB).is_file():
+                return package, native
+            searched.append(str(native))
+    if not found:
+        names = " or ".join(repr(package) for package in packages)
         raise RuntimeUnavailable(
-            f"the CloudXR runtime is not installed: Python package {package!r} not found "
+            f"the CloudXR runtime is not installed: no Python package {names} found "
             f"by {sys.executable}. Install it into that environment: {INSTALL_HINT} "
             '(or set runtime.backend = "sim" to try cxrd without a GPU)'
         )
-    roots = list(spec.submodule_search_locations or ())
-    for root in roots:
-        native = Path(root) / subpackage / "native"
-        if (native / RUNTIME_LIB).is_file():
-            return native
-    searched = ", ".join(roots) or "(no package directory)"
+    where = ", ".join(searched) or "(no package directory)"
     hint = f" or set {EXP_ENV}=0 for the stable one" if subpackage == EXPERIMENTAL else ""
     raise RuntimeUnavailable(
-        f"the CloudXR runtime is missing: no {package}.{subpackage} ships native/{RUNTIME_LIB} "
-        f"(searched {searched}). Reinstall it for {sys.executable}: {INSTALL_HINT}{hint}"
+        f"the CloudXR runtime is missing: no {' or '.join(found)} ships {subpackage}/native/"
+        f"{RUNTIME_LIB} (searched {where}). Reinstall it for {sys.executable}: "
+        f"{INSTALL_HINT}{hint}"
     )
 
 
 def find_runtime(env: Mapping[str, str]) -> tuple[str, Path]:
-    """The subpackage isaacteleop would run under ``env``, and its native dir."""
+    """The module isaacteleop would run under ``env`` (``<package>.<sub>``), and its native dir."""
     subpackage = EXPERIMENTAL if wants_experimental(env) else STABLE
-    return subpackage, find_native_dir(subpackage)
+    package, native = find_native_dir(subpackage)
+    return f"{package}.{subpackage}", native
 
 
 def worker_argv(module: str) -> tuple[str, ...]:
@@ -118,7 +137,7 @@ def preload(native: Path, existing: str) -> str | None:
 def prepare(config: Config, device_profile: str) -> RuntimeLaunch:
     environment = runtime_environment(config, device_profile)
     seen = {**os.environ, **environment}
-    subpackage, native = find_runtime(seen)
+    module, native = find_runtime(seen)
     install = config.install_path
     if not eula.is_accepted(install):
         raise EulaNotAccepted(
@@ -131,5 +150,5 @@ def prepare(config: Config, device_profile: str) -> RuntimeLaunch:
     ld_preload = preload(native, seen.get("LD_PRELOAD", ""))
     if ld_preload is not None:
         extras["LD_PRELOAD"] = ld_preload
-    argv = worker_argv(f"{PACKAGE}.{subpackage}")
+    argv = worker_argv(module)
     return build_launch("isaacteleop", config, argv, environment, extras)

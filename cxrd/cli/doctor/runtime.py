@@ -36,10 +36,10 @@ def check_runtime_package(config: Config) -> Check:
     from cxrd.runtimes import isaacteleop
 
     try:
-        sub, native = isaacteleop.find_runtime(seen)
+        module, native = isaacteleop.find_runtime(seen)
     except CxrdError as exc:
         return Check("runtime package", "fail", str(exc), type(exc).hint)
-    return Check("runtime package", "ok", f"{isaacteleop.PACKAGE}.{sub} at {native}")
+    return Check("runtime package", "ok", f"{module} at {native}")
 
 
 def check_eula(config: Config) -> Check:
