@@ -82,7 +82,8 @@ def setup_logging(verbose: int) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The daemon's flags; also the source of its completions and cxrd(8)."""
     p = argparse.ArgumentParser(
         prog="cxrd",
         description="Run the NVIDIA CloudXR runtime and its WSS proxy as a supervised service.",
@@ -127,7 +128,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     p.add_argument("--version", action="version", version=f"cxrd {__version__}")
-    return p.parse_args(argv)
+    return p
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -172,7 +173,7 @@ def read_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     setup_logging(args.verbose + 1)
     try:
         config = read_config(args)

@@ -116,8 +116,9 @@ def test_uninstall_removes_exactly_what_install_wrote(systemd_user: UserManager)
     before = {p for p in systemd_user.home.rglob("*") if p.is_file()}
 
     written = run_install(systemd_user.env, "install", "")["paths"]
-    # unit, template unit, activation, manifest
-    assert isinstance(written, list) and len(written) == 4
+    # unit, template unit, activation, manifest, and bash, zsh, fish completions for
+    # cxrctl and cxrd
+    assert isinstance(written, list) and len(written) == 10
     removed = run_install(systemd_user.env, "uninstall", "")
     assert sorted(removed["paths"]) == sorted(written)  # type: ignore[arg-type]
     after = {p for p in systemd_user.home.rglob("*") if p.is_file()}

@@ -1,4 +1,4 @@
-"""``cxrctl install`` / ``cxrctl uninstall``: the units and the D-Bus activation files.
+"""``cxrctl install`` / ``cxrctl uninstall``: the units, the D-Bus activation files, completions.
 
 ``install()`` writes ``cloudxr.service``, the template ``cloudxr@.service``
 (named instances) and ``io.github.cxrd.Daemon1.service``, plus one
@@ -6,7 +6,8 @@
 name activates ``cloudxr@NAME.service``), from the templates in ``cxrd/data``
 with ``ExecStart=``/``Exec=`` pointing at
 the cxrd of the interpreter running this code (``<python> -m cxrd``), so pip,
-venv and conda installs each get a unit that runs their own copy. It records
+venv and conda installs each get a unit that runs their own copy, and the
+bash, zsh and fish completions of ``cxrctl`` and ``cxrd``. It records
 what it wrote (path and SHA-256) in a manifest, and ``uninstall()`` removes
 exactly those files, and only while they still hold what was written.
 
@@ -35,6 +36,7 @@ from pathlib import Path
 from dbus_fast import Message, MessageType
 
 from cxrd import constants as C
+from cxrd.cli import completions
 from cxrd.dbus.connection import CONNECT_ERRORS, connect, session_bus_address
 from cxrd.errors import CxrdError
 from cxrd.instances import Instance
@@ -69,6 +71,9 @@ class Layout:
     activation: Path
     manifest: Path
     user: bool
+    # shell -> where its completion files go: bash-completion's completions/
+    # (loaded on first use), a zsh fpath dir, fish's autoloaded dir.
+    completions: dict[str, Path]
 
     @property
     def template_unit(self) -> Path:
@@ -82,18 +87,32 @@ class Layout:
         if system_prefix is None:
             config = _xdg("XDG_CONFIG_HOME", "~/.config")
             data = _xdg("XDG_DATA_HOME", "~/.local/share")
+            bash = os.environ.get("BASH_COMPLETION_USER_DIR", "").split(":")[0]
             return cls(
                 unit=config / "systemd" / "user" / C.UNIT_NAME,
                 activation=data / "dbus-1" / "services" / C.DBUS_SERVICE_FILE,
                 manifest=data / "cxrd" / MANIFEST_NAME,
                 user=True,
+                completions={
+                    "bash": (Path(bash) if os.path.isabs(bash) else data / "bash-completion")
+                    / "completions",
+                    # zsh has no per-user default: install notes the fpath line.
+                    "zsh": data / "zsh" / "site-functions",
+                    "fish": config / "fish" / "completions",
+                },
             )
         prefix = Path(system_prefix).absolute()
+        share = prefix / "share"
         return cls(
             unit=prefix / "lib" / "systemd" / "user" / C.UNIT_NAME,
-            activation=prefix / "share" / "dbus-1" / "services" / C.DBUS_SERVICE_FILE,
-            manifest=prefix / "share" / "cxrd" / MANIFEST_NAME,
+            activation=share / "dbus-1" / "services" / C.DBUS_SERVICE_FILE,
+            manifest=share / "cxrd" / MANIFEST_NAME,
             user=False,
+            completions={
+                "bash": share / "bash-completion" / "completions",
+                "zsh": share / "zsh" / "vendor-completions",
+                "fish": share / "fish" / "vendor_completions.d",
+            },
         )
 
 
@@ -208,7 +227,7 @@ def install(
     force: bool = False,
     reload: bool = True,
 ) -> Installed:
-    """Write the units and the activation files; return the paths written.
+    """Write the units, the activation files and the shell completions; return the paths written.
 
     ``system_prefix`` None installs for this user (XDG dirs); ``/usr`` or
     ``/usr/local`` installs for every user of the machine. ``instances``: named
@@ -222,6 +241,7 @@ def install(
         layout.unit: render_unit(argv).encode(),
         layout.template_unit: render_template_unit(argv).encode(),
         layout.activation: render_activation(argv).encode(),
+        **completions.files(layout.completions),
     }
     for instance in instances:
         if instance.name:
@@ -237,6 +257,9 @@ def install(
     manifest = {"version": 1, "exec": argv, "files": files}
     _write_atomic(layout.manifest, (json.dumps(manifest, indent=2) + "\n").encode())
     notes = reload_managers() if reload else []
+    zsh = layout.completions["zsh"]
+    if layout.user and Path(os.environ.get("SHELL", "")).name == "zsh":  # a zsh user
+        notes.append(f"zsh completions: add fpath+=({zsh}) to ~/.zshrc before compinit")
     return Installed([*wanted, layout.manifest], notes)
 
 
