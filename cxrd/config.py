@@ -167,6 +167,12 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def same_profile(a: str, b: str) -> bool:
+    """Whether the runtime takes two profile names as one: it compares them with
+    strcasecmp (ASCII case folded, nothing else), so ``quest3`` is ``Quest3``."""
+    return a.encode().lower() == b.encode().lower()
+
+
 def load_config(
     path: Path | None = None,
     *,

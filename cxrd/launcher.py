@@ -32,7 +32,7 @@ from typing import Any
 from cxrd import constants as C
 from cxrd import instances
 from cxrd.client import CloudXRClient
-from cxrd.config import load_config, parse_env_file
+from cxrd.config import load_config, parse_env_file, same_profile
 from cxrd.core.snapshot import Snapshot
 from cxrd.core.states import State
 from cxrd.errors import CxrdError, NotRunning, ProfileMismatch
@@ -156,6 +156,9 @@ class CloudXRLauncher:
                 "A CloudXR runtime is already served by cxrd, so run_embedded cannot own one. "
                 "Stop it first (`cxrctl stop`), or construct the launcher without run_embedded."
             )
+        requested = self._read_env_config(Path(env_config)) if env_config is not None else {}
+        # As in isaacteleop, the env file's profile beats the constructor's.
+        profile = requested.get(C.DEVICE_PROFILE_ENV, profile)
         self._lease = client.acquire(f"CloudXRLauncher (pid {os.getpid()})")
         wanted = profile if profile != DEFAULT_DEVICE_PROFILE else None
         try:
@@ -178,23 +181,38 @@ class CloudXRLauncher:
                 self._install_path,
             )
         if env_config is not None:
-            self._report_env_config(Path(env_config), snap.environment)
+            self._report_env_config(Path(env_config), requested, snap.environment)
         logger.info("Attached to the CloudXR runtime cxrd serves (pid %d)", snap.runtime.pid)
 
     @staticmethod
-    def _report_env_config(path: Path, running: Any) -> None:
+    def _read_env_config(path: Path) -> dict[str, str]:
         try:
-            requested = parse_env_file(path)
+            return parse_env_file(path)
         except CxrdError as err:
             logger.warning("%s is ignored, and could not be read: %s", path, err)
-            return
-        differing = sorted(k for k, v in requested.items() if running.get(k) != v)
-        if differing:
+            return {}
+
+    @staticmethod
+    def _report_env_config(path: Path, requested: dict[str, str], running: Any) -> None:
+        """One line per key the running runtime has otherwise (as isaacteleop reports them).
+
+        Only differing keys: passing the same file on every run is how this is
+        scripted. Profiles compare as the runtime compares them (``quest3`` is
+        ``Quest3``).
+        """
+        for key, value in sorted(requested.items()):
+            have = running.get(key)
+            if have == value or (
+                key == C.DEVICE_PROFILE_ENV and have is not None and same_profile(have, value)
+            ):
+                continue
             logger.warning(
-                "%s is ignored for %s: the running runtime has its own configuration; "
-                "put these in cxrd.toml ([runtime] env) and `cxrctl restart`",
+                "%s: %s=%s is ignored: the running runtime has %s; put it in cxrd.toml "
+                "([runtime] env) and `cxrctl restart`",
                 path,
-                ", ".join(differing),
+                key,
+                value,
+                "(not set)" if have is None else have,
             )
 
     # what isaacteleop's launcher exposes

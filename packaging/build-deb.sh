@@ -6,7 +6,7 @@
 #   packaging/build-deb.sh [--without-cloudxr] [--out DIR] [--compress xz|gzip|none]
 #
 # --without-cloudxr  leave out the isaacteleop runtime (about 110 MB with numpy);
-#                    add it later with: sudo /usr/lib/cxrd/bin/pip install 'isaacteleop==1.5.175'
+#                    add it later with: sudo /usr/lib/cxrd/bin/pip install 'isaacteleop>=1.4.142,<1.6'
 # --out DIR          where the .deb goes (default packaging/out); DIR/wheels keeps the
 #                    wheelhouse, so a rebuild downloads nothing new
 # Needs: Debian 12 (python3.11, python3.11-venv, dpkg-deb), PyPI.
@@ -60,8 +60,15 @@ wheel=$(ls "$wheels"/cxrd-"$version"-*.whl)
 # below needs no index and no build tools.
 "${pip[@]}" wheel --prefer-binary --wheel-dir "$wheels" "$wheel$extras"
 "${pip[@]}" install --no-index --find-links "$wheels" --no-compile "$wheel$extras"
-# setuptools came with the venv and nothing at run time needs it.
-"${pip[@]}" uninstall -y setuptools
+# Shell completions and man pages, generated from the parsers and the config schema
+# by the cxrd just installed; argparse-manpage is needed for this step only.
+"$venv/bin/python" -I -m cxrd.cli.completions "$stage/usr" >/dev/null
+"${pip[@]}" install --no-compile argparse-manpage
+SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || date +%s)} \
+    "$venv/bin/python" -I -m cxrd.cli.manpages "$stage/usr/share/man" >/dev/null
+gzip -9n "$stage"/usr/share/man/man*/*
+# setuptools came with the venv, argparse-manpage for the pages; nothing at run time needs them.
+"${pip[@]}" uninstall -y setuptools argparse-manpage
 
 # A venv records where it was made: point every such path at its installed home.
 grep -rlF --null "$stage" "$venv" | xargs -0 -r sed -i "s|$stage||g"

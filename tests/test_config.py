@@ -137,3 +137,36 @@ def test_env_file_garbage_line_names_the_line(tmp_path: Path) -> None:
     env_file.write_text("A=1\nthis is not an assignment\n")
     with pytest.raises(InvalidConfig, match=rf"{env_file}:2: expected KEY=value"):
         parse_env_file(env_file)
+
+
+ISAAC_LAB_PROFILES = {
+    # Isaac Lab's env profiles, copied: (file content, the profile and keys they set).
+    "auto-webrtc": (
+        "NV_DEVICE_PROFILE=auto-webrtc\nNV_CXR_ENABLE_PUSH_DEVICES=0\n",
+        {"NV_CXR_ENABLE_PUSH_DEVICES": "0"},
+    ),
+    "auto-native": (
+        "NV_DEVICE_PROFILE=auto-native\nNV_ENABLE_POSE_WAIT=0\n",
+        {"NV_ENABLE_POSE_WAIT": "0"},
+    ),
+    "quest3": ("NV_DEVICE_PROFILE=quest3\n", {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ISAAC_LAB_PROFILES))
+def test_isaac_lab_env_profiles_reach_the_runtime_through_env_file(
+    tmp_path: Path, name: str
+) -> None:
+    from cxrd.runtimes import prepare_runtime
+
+    text, keys = ISAAC_LAB_PROFILES[name]
+    env_file = tmp_path / f"{name}.env"
+    env_file.write_text(text)
+    config = load_config(
+        write(tmp_path, f"install_dir = '{tmp_path / 'cloudxr'}'\n[runtime]\nbackend = 'sim'\n"),
+        env_file=env_file,
+    )
+    environment = prepare_runtime(config).environment
+    assert environment["NV_DEVICE_PROFILE"] == name, "verbatim: the runtime folds case itself"
+    for key, value in keys.items():
+        assert environment[key] == value

@@ -31,20 +31,19 @@ def test_constructor_and_members_match_isaacteleops_launcher() -> None:
     ours_params = inspect.signature(CloudXRLauncher.__init__).parameters
     for name, param in inspect.signature(theirs.__init__).parameters.items():
         assert name in ours_params, f"missing constructor argument {name}"
+        if name == "start_wss_proxy" and param.default is True:
+            # isaacteleop 1.4: on by default. cxrd always runs the proxy and takes the
+            # argument as a deprecated no-op (None: not given), as 1.5 does.
+            assert ours_params[name].default is None
+            continue
         assert ours_params[name].default == param.default, name
-    for member in (
-        "health_check",
-        "stop",
-        "wss_log_path",
-        "run_dir",
-        "env_file",
-        "owns_runtime",
-        "__enter__",
-        "__exit__",
-        "add_launcher_arguments",
-        "launch_context",
-    ):
-        assert hasattr(theirs, member) and hasattr(CloudXRLauncher, member), member
+    # Every public member of the installed isaacteleop's launcher (1.4 has fewer than 1.5).
+    public = {name for name in dir(theirs) if not name.startswith("_")}
+    assert {"health_check", "stop", "wss_log_path", "launch_context"} <= public
+    for member in public | {"__enter__", "__exit__"}:
+        assert hasattr(CloudXRLauncher, member), member
+    for member in ("run_dir", "env_file", "owns_runtime"):  # 1.5's, whichever is installed
+        assert hasattr(CloudXRLauncher, member), member
 
 
 def test_launcher_starts_cxrd_adopts_its_environment_and_lets_go(
@@ -109,6 +108,31 @@ def test_another_profile_attaches_with_a_warning(
     ):
         assert os.environ["NV_DEVICE_PROFILE"] == "Quest3"
     assert "AppleVisionPro" in caplog.text
+
+
+def test_env_config_differences_are_reported_one_line_per_key_and_attach(
+    ready_daemon: BusDaemon, clean_environ: None, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    # Isaac Lab's quest3 profile, lower-case as it ships, with push devices off.
+    profile = tmp_path / "quest3.env"
+    profile.write_text("NV_DEVICE_PROFILE=quest3\nNV_CXR_ENABLE_PUSH_DEVICES=0\nMY_KEY=x\n")
+    with (
+        caplog.at_level(logging.WARNING, logger="cxrd.launcher"),
+        CloudXRLauncher(
+            install_dir=str(ready_daemon.denv.install_dir),
+            env_config=profile,
+            bus_address=ready_daemon.address,
+        ) as launcher,
+    ):
+        launcher.health_check()
+        assert os.environ["NV_DEVICE_PROFILE"] == "Quest3"
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"{profile}: MY_KEY=x is ignored: the running runtime has (not set); "
+        "put it in cxrd.toml ([runtime] env) and `cxrctl restart`",
+        f"{profile}: NV_CXR_ENABLE_PUSH_DEVICES=0 is ignored: the running runtime has true; "
+        "put it in cxrd.toml ([runtime] env) and `cxrctl restart`",
+    ], "quest3 is the running Quest3: no line for it, and no profile mismatch"
 
 
 def test_failure_is_a_runtime_error_with_the_cxrd_error_as_cause(

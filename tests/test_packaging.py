@@ -96,6 +96,32 @@ def test_package_holds_the_units_the_activation_file_and_cxrd(built: Built) -> N
         assert mode[8] != "w" or mode[0] == "l", line
 
 
+def test_package_holds_completions_and_man_pages_that_render(built: Built) -> None:
+    for prog in ("cxrctl", "cxrd"):
+        for path in (
+            f"/usr/share/bash-completion/completions/{prog}",
+            f"/usr/share/zsh/vendor-completions/_{prog}",
+            f"/usr/share/fish/vendor_completions.d/{prog}.fish",
+        ):
+            assert path in built.files, f"{path} missing from {built.deb.name}"
+            assert prog in (built.root / path.lstrip("/")).read_text()
+    pages = {"man1/cxrctl.1.gz": "CXRCTL(1)", "man8/cxrd.8.gz": "CXRD(8)"}
+    pages["man5/cxrd.toml.5.gz"] = "CXRD.TOML(5)"
+    for page, title in pages.items():
+        assert f"/usr/share/man/{page}" in built.files
+        shown = subprocess.run(
+            ["man", "-l", str(built.root / "usr/share/man" / page)],
+            env={**os.environ, "MANWIDTH": "80", "LC_ALL": "C.UTF-8"},
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=True,
+        ).stdout
+        assert shown.startswith(title), shown[:200]
+    site = "/usr/lib/cxrd/lib/python3.11/site-packages"
+    assert not [p for p in built.files if p.startswith(f"{site}/argparse_manpage")]
+
+
 def test_package_declares_its_dependencies(built: Built) -> None:
     fields = {
         key: _dpkg_deb("-f", str(built.deb), key).strip()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from cxrd import __version__
 from cxrd import constants as C
-from cxrd.config import Config, check_device_profile
+from cxrd.config import Config, check_device_profile, same_profile
 from cxrd.core import commands as M
 from cxrd.core.children import Child
 from cxrd.core.commands import Kind, Operation
@@ -334,14 +334,14 @@ class Supervisor(Operations):
             self._enqueue(Operation(Kind.LAUNCH, msg.profile or target))
         elif (
             msg.profile
-            and msg.profile != target
+            and not same_profile(msg.profile, target)
             and self._op is not None
             and self._op.kind is Kind.LAUNCH
             and self._op.runtime is None
             and not self._claimed
         ):
             self._op.profile = msg.profile  # the first start is not prepared yet: retarget it
-        elif msg.profile and msg.profile != target:
+        elif msg.profile and not same_profile(msg.profile, target):
             if self._claimed:
                 answer(
                     msg.reply,
