@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from cxrd.config import parse_listen
-from cxrd.daemon import parse_args
+from cxrd.daemon import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINER = ROOT / "packaging" / "container"
@@ -75,7 +75,7 @@ def test_containerfile_runs_cxrd_without_a_bus_as_a_non_root_user_with_a_healthc
     assert cf["FROM"] == ["${CUDA_IMAGE}"]
     assert exec_form(cf["ENTRYPOINT"][0]) == ["cxrd", "--bus", "none"]
     args = exec_form(cf["CMD"][0])
-    parsed = parse_args(["--bus", "none", *args])
+    parsed = build_parser().parse_args(["--bus", "none", *args])
     assert parsed.bus == "none" and parsed.health_listen == "0.0.0.0:48080"
     (healthcheck,) = cf["HEALTHCHECK"]
     probe = exec_form(healthcheck.split(" CMD ", 1)[1])
@@ -106,7 +106,7 @@ def test_compose_builds_the_containerfile_and_the_app_waits_for_health() -> None
     assert gpu["driver"] == "nvidia" and gpu["count"] == 1 and gpu["capabilities"] == ["gpu"]
     # The command replaces the image's CMD and still parses; the healthcheck asks its port.
     command = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", arg) for arg in cxrd["command"]]
-    assert parse_args(["--bus", "none", *command]).profile == "Quest3"
+    assert build_parser().parse_args(["--bus", "none", *command]).profile == "Quest3"
     assert cxrd["healthcheck"]["test"][-1] == f"http://127.0.0.1:{health_port(command)}/readyz"
     assert app["depends_on"] == {"cxrd": {"condition": "service_healthy"}}
     assert f". {volume}/run/cloudxr.env && exec" in app["entrypoint"][2]
@@ -149,7 +149,7 @@ def test_deployment_probes_gpu_endpoint_ip_and_shared_install_dir() -> None:
     assert cxrd["resources"]["limits"] == {"nvidia.com/gpu": 1}
     ports = {p["name"]: p["containerPort"] for p in cxrd["ports"]}
     assert ports["health"] == health_port(cxrd["args"]) and ports["wss"] == 48322
-    parse_args(["--bus", "none", *cxrd["args"]])
+    build_parser().parse_args(["--bus", "none", *cxrd["args"]])
     assert containerfile()["ENTRYPOINT"] == ['["cxrd", "--bus", "none"]']
     for probe, path in (
         ("startupProbe", "/readyz"),
