@@ -108,6 +108,16 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class LogsConfig:
+    """Bounds on the log files in ``<install>/logs`` (``cxrd.system.logfiles``)."""
+
+    max_bytes: int = (
+        10 * 1024 * 1024
+    )  # runtime_stderr.log, wss.log, wss.stderr.log: rotated past it
+    keep: int = 5  # rotated files kept of each (name.1 newest), and cxr_server.*.log files kept
+
+
+@dataclass(frozen=True)
 class Config:
     install_dir: str = C.DEFAULT_INSTALL_DIR
     bus: str = "auto"  # "auto": the session bus if reachable; "session": required; "none"
@@ -117,6 +127,7 @@ class Config:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     restart: RestartConfig = field(default_factory=RestartConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    logs: LogsConfig = field(default_factory=LogsConfig)
     source: str = field(default="(defaults)", compare=False)
     instance: str = field(default="", compare=False)  # "" is the unnamed instance
 
@@ -458,6 +469,8 @@ def _check_semantics(config: Config) -> None:
         "proxy.ping_interval": config.proxy.ping_interval,
         "proxy.ping_timeout": config.proxy.ping_timeout,
         "idle_grace": config.idle_grace,
+        "logs.max_bytes": config.logs.max_bytes,
+        "logs.keep": config.logs.keep,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -276,11 +276,12 @@ def test_sim_floods_stderr_before_ready(sim: Sim) -> None:
     sim.start(**{F.FLOOD_STDERR: str(size)})
     sim.wait_ready()
     text = sim.stderr()
-    flood = sum(len(line) + 1 for line in text.split("\n") if "flooding stderr" in line)
-    # The last line may be cut short to hit the exact byte count.
-    assert size - 200 <= flood <= size + 1
-    assert len(text.encode()) >= size
-    assert f"wrote {size} bytes to stderr" in sim.server_log()
+    lines = [line for line in text.split("\n") if "flood line" in line]
+    flood = sum(len(line) + 1 for line in lines)
+    # Whole numbered lines, at least the bytes asked for.
+    assert size <= flood <= size + 200
+    assert [int(line.split()[3]) for line in lines] == list(range(len(lines)))
+    assert f"wrote {flood} bytes to stderr" in sim.server_log()
 
 
 def test_sim_rejects_unknown_and_bad_fault_variables(sim: Sim) -> None:

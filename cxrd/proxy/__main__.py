@@ -24,10 +24,12 @@ import sys
 from pathlib import Path
 
 from cxrd import constants as C
+from cxrd.config import LogsConfig
 from cxrd.errors import CxrdError, StartFailed
 from cxrd.proxy.events import READY_LINE, SessionEvent, encode
 from cxrd.proxy.server import Network, ProxyOptions, ProxyServer, server_tls_context
 from cxrd.system.listeners import bind_listener
+from cxrd.system.logfiles import rotating_handler
 
 PR_SET_PDEATHSIG = 1
 
@@ -49,6 +51,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cert", type=Path, required=True)
     parser.add_argument("--key", type=Path, required=True)
     parser.add_argument("--log", type=Path, help="connection log, appended (default: stderr)")
+    limits = LogsConfig()
+    parser.add_argument(
+        "--log-max-bytes",
+        type=_positive_int,
+        default=limits.max_bytes,
+        help="rotate --log before it passes this size",
+    )
+    parser.add_argument(
+        "--log-keep", type=_positive_int, default=limits.keep, help="rotated logs kept"
+    )
     parser.add_argument(
         "--ready-fd", type=int, help="write READY here once serving, then session events"
     )
@@ -109,12 +121,10 @@ def die_with_parent(expected_parent: int | None, *, supervised: bool) -> None:
         sys.exit(1)
 
 
-def setup_logging(path: Path | None) -> None:
-    handler: logging.Handler
-    if path is None:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+def setup_logging(path: Path | None, limits: LogsConfig) -> None:
+    handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr) if path is None else rotating_handler(path, limits)
+    )
     if os.environ.get("JOURNAL_STREAM") and path is None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     else:
@@ -188,7 +198,7 @@ async def run(args: argparse.Namespace, sock: socket.socket, tls: ssl.SSLContext
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.log)
+    setup_logging(args.log, LogsConfig(max_bytes=args.log_max_bytes, keep=args.log_keep))
     die_with_parent(args.parent_pid, supervised=args.listen_fd is not None)
     try:
         try:

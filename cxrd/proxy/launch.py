@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrd import constants as C
-from cxrd.config import Config, ProxyConfig
+from cxrd.config import Config, LogsConfig, ProxyConfig
 from cxrd.errors import StartFailed
 from cxrd.proxy.certs import ensure_certificate, expires_soon, validate_pair
 from cxrd.system.addresses import headset_urls
@@ -40,6 +40,7 @@ class ProxyLaunch:
     settings: ProxyConfig = field(default_factory=ProxyConfig)
     backend_port: int = C.DEFAULT_BACKEND_PORT  # runtime.signaling_port
     client_dir: Path | None = None  # None: the web client is not hosted
+    log_limits: LogsConfig = field(default_factory=LogsConfig)
     cert_note: str = ""  # renewed at this start, or a user's pair near its end
 
     @property
@@ -74,6 +75,10 @@ class ProxyLaunch:
             str(self.key),
             "--log",
             str(self.log_path),
+            "--log-max-bytes",
+            str(self.log_limits.max_bytes),
+            "--log-keep",
+            str(self.log_limits.keep),
             "--max-message-size",
             str(s.max_message_size),
             "--max-connections",
@@ -91,6 +96,7 @@ class ProxyLaunch:
             env=dict(os.environ),
             stderr=self.stderr_log,
             pass_fds=(fd, ready_fd),
+            stderr_limits=self.log_limits,
         )
 
     def close(self) -> None:
@@ -146,5 +152,6 @@ def prepare_proxy(config: Config, keep: ProxyLaunch | None = None) -> ProxyLaunc
         settings=settings,
         backend_port=config.runtime.signaling_port,
         client_dir=config.client_path if settings.host_client else None,
+        log_limits=config.logs,
         cert_note=note,
     )

@@ -99,13 +99,17 @@ def build_launch(
     argv: tuple[str, ...],
     environment: Mapping[str, str],
     extras: Mapping[str, str],
+    *,
+    writes_own_stderr: bool = False,
 ) -> RuntimeLaunch:
+    """``writes_own_stderr``: the runtime opens ``runtime_stderr.log`` itself (no relay)."""
     stderr_log = config.logs_dir / C.RUNTIME_STDERR_LOG
     spec = ChildSpec(
         name="runtime",
         argv=argv,
         env=child_env(environment, {**pinned_env(config), **extras}),
         stderr=stderr_log,
+        stderr_limits=None if writes_own_stderr else config.logs,
     )
     return RuntimeLaunch(
         backend=backend,

@@ -38,6 +38,8 @@ BUNDLED_OPENSSL: Final = ("libcrypto_nvst.so.3", "libssl_nvst.so.3")
 INSTALL_HINT: Final = "pip install 'cxrd[cloudxr]'"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
+# What run() counts as NV_CXR_FILE_LOGGING off (anything else, or unset, is on).
+_FILE_LOGGING_OFF = frozenset({"", "false", "off", "no", "n", "f", "0"})
 
 
 def is_jetson_orin() -> bool:
@@ -151,4 +153,16 @@ def prepare(config: Config, device_profile: str) -> RuntimeLaunch:
     if ld_preload is not None:
         extras["LD_PRELOAD"] = ld_preload
     argv = worker_argv(module)
-    return build_launch("isaacteleop", config, argv, environment, extras)
+    return build_launch(
+        "isaacteleop",
+        config,
+        argv,
+        environment,
+        extras,
+        writes_own_stderr=writes_own_stderr(seen),
+    )
+
+
+def writes_own_stderr(env: Mapping[str, str]) -> bool:
+    """Whether ``run()`` moves its stderr to ``logs/runtime_stderr.log`` itself."""
+    return env.get("NV_CXR_FILE_LOGGING", "yes").lower() not in _FILE_LOGGING_OFF

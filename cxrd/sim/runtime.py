@@ -46,7 +46,9 @@ BANNER = "SIMULATED CloudXR runtime for tests and demos - not NVIDIA CloudXR"
 # What the sim tells each signaling client it was given (which runtime it reached).
 REPORTED_ENV = (C.SERVER_PORT_ENV, C.MEDIA_PORT_ENV, C.GPU_CUDA_ENV, "CXR_INSTALL_DIR")
 _PREFIX = "cxrd-sim"
-_FLOOD_LINE = b"cxrd-sim: flooding stderr as CXRD_SIM_FLOOD_STDERR asked, padding padding\n"
+_FLOOD_LINE = b"cxrd-sim: flood line %09d as CXRD_SIM_FLOOD_STDERR asked, padding padding\n"
+_FLOOD_BLOCK = 65536
+_FLOOD_PAUSE = 0.01
 _PR_SET_DUMPABLE = 4
 
 
@@ -151,8 +153,8 @@ def main() -> int:
                 os.unlink(os.path.join(paths.run_dir, name))
                 log.note(f"removed stale {name}")
         if faults.flood_stderr:
-            _flood_stderr(faults.flood_stderr)
-            log.note(f"wrote {faults.flood_stderr} bytes to stderr (CXRD_SIM_FLOOD_STDERR)")
+            written = _flood_stderr(faults.flood_stderr)
+            log.note(f"wrote {written} bytes to stderr (CXRD_SIM_FLOOD_STDERR)")
         if faults.spawn_grandchild:
             pid = _spawn_grandchild(paths.run_dir)
             log.note(f"spawned grandchild pid {pid} in my process group")
@@ -162,13 +164,29 @@ def main() -> int:
         return asyncio.run(_Sim(faults, paths, log, pending).run())
 
 
-def _flood_stderr(count: int) -> None:
-    block = _FLOOD_LINE * (65536 // len(_FLOOD_LINE))
+def _flood_stderr(count: int) -> int:
+    """Numbered lines, at least ``count`` bytes, 64 KiB per 10 ms: a chatty runtime's pace.
+
+    The numbers let a reader check that none was lost or reordered. Returns
+    the bytes written (whole lines).
+    """
     sys.stderr.flush()
+    number = 0
     left = count
     while left > 0:
-        chunk = block[: min(left, len(block))]
-        left -= os.write(2, chunk)
+        lines = []
+        size = 0
+        while size < _FLOOD_BLOCK and size < left:
+            line = _FLOOD_LINE % number
+            number += 1
+            lines.append(line)
+            size += len(line)
+        block = memoryview(b"".join(lines))
+        left -= len(block)
+        while block:
+            block = block[os.write(2, block) :]
+        time.sleep(_FLOOD_PAUSE)
+    return count - left
 
 
 def _spawn_grandchild(run_dir: str) -> int:

@@ -18,7 +18,7 @@ from cxrd.errors import AlreadyServing, CxrdError
 from cxrd.proxy import events
 from cxrd.proxy.launch import ProxyLaunch, prepare_proxy
 from cxrd.runtimes import RuntimeLaunch, prepare_runtime
-from cxrd.system import rundir, siblings
+from cxrd.system import logfiles, rundir, siblings
 from cxrd.system.diagnosis import log_section, newest_log
 from cxrd.system.envfile import write_env_file
 from cxrd.system.readiness import wait_for_file
@@ -99,7 +99,12 @@ class SystemHost:
 
     def prepare_runtime(self, config: Config, profile: str) -> RuntimeLaunch:
         siblings.check_ports(config)
-        return prepare_runtime(config, device_profile=profile)
+        launch = prepare_runtime(config, device_profile=profile)
+        # Room for the server log the starting runtime writes.
+        logfiles.prune(launch.logs_dir, C.SERVER_LOG_GLOB, config.logs.keep - 1)
+        if launch.spec.stderr_limits is None:  # it truncates the file itself
+            logfiles.rotate_stale(launch.stderr_log, config.logs)
+        return launch
 
     async def prepare_proxy(self, config: Config, keep: ProxyLaunch | None) -> ProxyLaunch:
         loop = asyncio.get_running_loop()

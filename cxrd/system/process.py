@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cxrd.config import LogsConfig
 from cxrd.errors import StartFailed
+from cxrd.system.logfiles import Relay
 
 if TYPE_CHECKING:
     from cxrd.system.reaper import OrphanReaper
@@ -46,8 +48,11 @@ class ChildSpec:
     name: str  # "runtime" or "proxy"; used in logs and errors
     argv: tuple[str, ...]
     env: Mapping[str, str]  # the child's whole environment
-    stderr: Path  # appended to; never a pipe (stdout goes to /dev/null)
+    stderr: Path  # appended to (stdout goes to /dev/null)
     pass_fds: tuple[int, ...] = field(default=())
+    # Given: the child writes to a pipe that cxrd relays into ``stderr``, rotating
+    # it past these limits (cxrd.system.logfiles). None: the child gets the file.
+    stderr_limits: LogsConfig | None = None
 
 
 # Variables that speak for the daemon to its service manager; a child must not inherit them.
@@ -63,6 +68,8 @@ KILL_GRACE = 2.0
 # the group is polled, from every 5 ms up to every 100 ms.
 _POLL_FIRST = 0.005
 _POLL_MAX = 0.1
+# Once the group is gone, its last stderr lines reach the file within this.
+RELAY_DRAIN = 2.0
 
 
 class Child:
@@ -74,8 +81,10 @@ class Child:
         proc: asyncio.subprocess.Process,
         guard: Guard,
         reaper: OrphanReaper | None = None,
+        relay: Relay | None = None,
     ) -> None:
         self.spec = spec
+        self._relay = relay
         self.pid = proc.pid
         self.started_at = time.time()
         self._proc = proc
@@ -136,6 +145,8 @@ class Child:
             _killpg(self.pid, signal.SIGTERM)
             deadline = time.monotonic() + LEFTOVER_GRACE
         await self._until_group_gone(deadline)
+        if self._relay is not None:
+            await self._relay.drained(RELAY_DRAIN)
         # Not in a finally: a cxrd cancelled meanwhile leaves the group to the guard.
         self._guard.forget(self.pid)
         return code
@@ -186,7 +197,13 @@ class ProcessLauncher:
     async def spawn(self, spec: ChildSpec) -> Child:
         env = {k: v for k, v in spec.env.items() if k not in _DAEMON_ONLY_ENV}
         spec.stderr.parent.mkdir(parents=True, exist_ok=True)
-        with open(spec.stderr, "ab") as stderr, self._spawning():
+        relay = None if spec.stderr_limits is None else Relay(spec.stderr, spec.stderr_limits)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._spawning())
+            if relay is None:
+                stderr = stack.enter_context(open(spec.stderr, "ab")).fileno()
+            else:
+                stderr = relay.write_fd
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *spec.argv,
@@ -198,12 +215,16 @@ class ProcessLauncher:
                     start_new_session=True,
                 )
             except OSError as exc:
+                if relay is not None:
+                    relay.abandon()
                 raise StartFailed(f"cannot start the {spec.name} ({spec.argv[0]}): {exc}") from None
             if self._reaper is not None:
                 self._reaper.own(proc.pid)
+        if relay is not None:
+            relay.start()
         self._guard.watch(proc.pid)
         log.info("started %s: pid %d: %s", spec.name, proc.pid, shlex.join(spec.argv))
-        return Child(spec, proc, self._guard, self._reaper)
+        return Child(spec, proc, self._guard, self._reaper, relay)
 
     def close(self) -> None:
         self._guard.close()
