@@ -14,22 +14,19 @@ import logging
 import math
 import os
 import tomllib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cxrd import constants as C
+from cxrd import tables
 from cxrd.errors import InvalidArgs, InvalidConfig
 from cxrd.instances import Instance
 from cxrd.system.envfile import ENV_NAME, check_env_value
 from cxrd.system.rundir import MAX_SOCKET_PATH
 
 BACKENDS = ("isaacteleop", "sim", "command")
-# Not settings: where the config came from and which instance it is for.
-_PROVENANCE = ("source", "instance")
 # runtime.env / --env-file keys read as settings (isaacteleop env files set them).
 _ENV_SETTINGS = {
     C.SERVER_PORT_ENV: "signaling_port",
@@ -38,7 +35,6 @@ _ENV_SETTINGS = {
 }
 log = logging.getLogger(__name__)
 BUS_MODES = ("auto", "session", "none")
-_T = typing.TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -215,7 +211,7 @@ def load_config(
             raise InvalidConfig(f"{path}: cannot read config file: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise InvalidConfig(f"{path}: not valid TOML: {exc}") from None
-    config = _build(Config, {"install_dir": inst.default_install_dir, **data}, source, "")
+    config = tables.build(Config, {"install_dir": inst.default_install_dir, **data}, source, "")
     config = _fold_backend_port(config, _names_signaling(data.get("runtime")), source)
     _check_env(config.runtime.env, source, "runtime.env", allow_profile=False)
     config = _lift_env_settings(config, dict(config.runtime.env), source, "runtime.env.", data)
@@ -351,92 +347,9 @@ def _apply_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    merged = _merge(_as_plain(config), nested)
-    built = _build(Config, merged, "command line", "")
+    merged = tables.merge(tables.as_plain(config), nested)
+    built = tables.build(Config, merged, "command line", "")
     return _fold_backend_port(built, _names_signaling(nested.get("runtime")), "command line")
-
-
-def _as_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {
-            f.name: _as_plain(getattr(obj, f.name))
-            for f in dataclasses.fields(obj)
-            if f.name not in _PROVENANCE
-        }
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    if isinstance(obj, tuple):
-        return list(obj)
-    return obj
-
-
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "env":
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _build(cls: type[_T], data: Mapping[str, Any], source: str, where: str) -> _T:
-    if not isinstance(data, Mapping):
-        raise InvalidConfig(f"{source}: [{where}]: expected a table")
-    assert dataclasses.is_dataclass(cls)
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if f.name not in _PROVENANCE}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{where}.{key}" if where else key
-        if key not in known:
-            choices = ", ".join(sorted(known))
-            raise InvalidConfig(f"{source}: {dotted}: unknown key (known here: {choices})")
-        kwargs[key] = _convert(hints[key], value, source, dotted)
-    return cls(**kwargs)
-
-
-def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, source, key)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, source, key)  # type: ignore[arg-type]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(source, key, "true or false", value)
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _type_error(source, key, "an integer", value)
-    if hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise _type_error(source, key, "a number", value)
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(source, key, "a string", value)
-    if origin is tuple:
-        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise _type_error(source, key, "a list of strings", value)
-    if origin is Mapping:
-        if isinstance(value, Mapping) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
-            return dict(value)
-        raise _type_error(source, key, "a table of strings", value)
-    raise TypeError(f"config schema has an unsupported type for {key}: {hint!r}")
-
-
-def _type_error(source: str, key: str, expected: str, value: Any) -> InvalidConfig:
-    return InvalidConfig(f"{source}: {key}: expected {expected}, got {value!r}")
 
 
 def _check_semantics(config: Config) -> None:
