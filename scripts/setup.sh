@@ -18,8 +18,9 @@ cd "$(dirname "$0")/.."
 # chromium: the headless browser the headset tests open the web client in.
 # man-db, mandoc: render and lint the man pages; bash-completion, zsh, fish: the
 # shells whose completions the tests query.
+# nftables: nft, for doctor's firewall tests (rules only in a throwaway netns).
 packages=(dbus dbus-user-session dbus-bin systemd openssl libglib2.0-bin python3-venv procps
-    util-linux tini chromium man-db mandoc bash-completion zsh fish)
+    util-linux tini chromium man-db mandoc bash-completion zsh fish nftables)
 
 installed() {
     dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null | grep -qx installed
