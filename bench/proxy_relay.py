@@ -105,6 +105,28 @@ async def splice_role(port: int, backend_port: int) -> None:
     await asyncio.Future()
 
 
+async def asyncio_tls_role(port: int, backend_port: int, cert: str, key: str) -> None:
+    """cxrd's proxy with its TLS layer swapped for asyncio's (``create_server(ssl=...)``)."""
+    from cxrd.proxy.server import ClientConn, ProxyOptions, ProxyServer, server_tls_context
+    from cxrd.system.listeners import LISTEN_BACKLOG, bind_listener
+
+    class AsyncioTlsProxy(ProxyServer):
+        async def _listen(self, loop: asyncio.AbstractEventLoop) -> asyncio.Server:
+            return await loop.create_server(
+                lambda: ClientConn(self),
+                sock=self.sock,
+                backlog=LISTEN_BACKLOG,
+                ssl=self.tls,
+                ssl_handshake_timeout=self.options.open_timeout,
+            )
+
+    tls = server_tls_context(Path(cert), Path(key))
+    server = AsyncioTlsProxy(
+        bind_listener("127.0.0.1", port), tls, ProxyOptions(backend_port=backend_port)
+    )
+    await server.serve(on_listening=lambda: print("READY", flush=True))
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -230,10 +252,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    roles = ("main", "backend", "isaacteleop", "splice", "clients")
+    roles = ("main", "backend", "isaacteleop", "splice", "asyncio_tls", "clients")
     parser.add_argument("--role", choices=roles, default="main")
     parser.add_argument("--port", type=int)
     parser.add_argument("--backend-port", type=int)
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
     parser.add_argument("--targets")
     parser.add_argument("--pids")
     parser.add_argument("--seconds", type=float, default=0.75)
@@ -249,6 +273,9 @@ def main() -> None:
     if args.role == "splice":
         asyncio.run(splice_role(args.port, args.backend_port))
         return
+    if args.role == "asyncio_tls":
+        asyncio.run(asyncio_tls_role(args.port, args.backend_port, args.cert, args.key))
+        return
     if args.role == "clients":
         targets, pids = json.loads(args.targets), json.loads(args.pids)
         asyncio.run(clients_role(targets, pids, args.seconds, args.rounds, args.size))
@@ -261,7 +288,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cxrd-bench-") as tmp:
         try:
             cert, key = ensure_certificate(Path(tmp) / "certs")
-            backend_port, cxrd_port, teleop_port, splice_port = (free_port() for _ in range(4))
+            ports = (free_port() for _ in range(5))
+            backend_port, cxrd_port, teleop_port, splice_port, aio_port = ports
             backend = start([py, str(HERE), "--role", "backend", "--port", str(backend_port)])
             procs.append(backend)
             wait_ready(backend, "backend")
@@ -295,16 +323,25 @@ def main() -> None:
             procs.append(splice)
             wait_ready(splice, "tcp splice")
 
+            aio = start(
+                [py, str(HERE), "--role", "asyncio_tls", "--port", str(aio_port),
+                 "--backend-port", str(backend_port), "--cert", str(cert), "--key", str(key)],
+            )  # fmt: skip
+            procs.append(aio)
+            wait_ready(aio, "cxrd proxy over asyncio's TLS")
+
             targets = {
                 "direct": f"ws://127.0.0.1:{backend_port}/",
                 "tcp_splice": f"ws://127.0.0.1:{splice_port}/",
                 "cxrd": f"wss://127.0.0.1:{cxrd_port}/",
+                "cxrd_asyncio_tls": f"wss://127.0.0.1:{aio_port}/",
                 "isaacteleop": f"wss://127.0.0.1:{teleop_port}/",
             }
             pids = {
                 "backend": backend.pid,
                 "tcp_splice": splice.pid,
                 "cxrd": cxrd.pid,
+                "cxrd_asyncio_tls": aio.pid,
                 "isaacteleop": teleop.pid,
             }
             clients = subprocess.run(
@@ -327,10 +364,31 @@ def main() -> None:
     print(json.dumps(summarize(results, args), indent=2))
 
 
+def tls_layer(results: dict[str, Any]) -> dict[str, Any]:
+    """cxrd's own TLS layer (proxy/tls.py) against asyncio's, both relaying the same way."""
+    own, aio = results["cxrd"], results["cxrd_asyncio_tls"]
+    compared: dict[str, Any] = {}
+    for count in CLIENT_COUNTS:
+        mine, theirs = own[f"{count}_clients"], aio[f"{count}_clients"]
+        rounds = zip(mine["rounds"], theirs["rounds"], strict=True)
+        compared[f"{count}_clients"] = {
+            "p50_us": [mine["p50_us"], theirs["p50_us"]],
+            "msgs_per_s": [mine["msgs_per_s"], theirs["msgs_per_s"]],
+            "proxy_cpu_us_per_round_trip": [
+                mine["proxy_cpu_us_per_round_trip"],
+                theirs["proxy_cpu_us_per_round_trip"],
+            ],
+            "median_round_throughput_ratio_own_over_asyncio": round(
+                statistics.median(m["msgs_per_s"] / t["msgs_per_s"] for m, t in rounds), 3
+            ),
+        }
+    return {"pairs_are": ["cxrd proxy/tls.py", "asyncio create_server(ssl=...)"], **compared}
+
+
 def summarize(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     direct = results["direct"]
     derived: dict[str, Any] = {}
-    for name in ("tcp_splice", "cxrd", "isaacteleop"):
+    for name in ("tcp_splice", "cxrd", "cxrd_asyncio_tls", "isaacteleop"):
         one, eight = results[name]["1_clients"], results[name]["8_clients"]
         derived[name] = {
             "added_p50_us_1_client": round(one["p50_us"] - direct["1_clients"]["p50_us"], 1),
@@ -357,6 +415,7 @@ def summarize(results: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     throughput_median = statistics.median(throughput_ratios)
     return {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "tls_layer": tls_layer(results),
         "message_bytes": args.size,
         "seconds_per_run": args.seconds,
         "rounds": args.rounds,
