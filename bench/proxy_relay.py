@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -285,7 +286,7 @@ def main() -> None:
 
     py = sys.executable
     procs: list[subprocess.Popen[str]] = []
-    with tempfile.TemporaryDirectory(prefix="cxrd-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cxrd-bench-") as tmp, contextlib.ExitStack() as stack:
         try:
             cert, key = ensure_certificate(Path(tmp) / "certs")
             ports = (free_port() for _ in range(5))
@@ -303,9 +304,10 @@ def main() -> None:
             )  # fmt: skip
             procs.append(cxrd)  # type: ignore[arg-type]
             os.close(ready_w)
-            with os.fdopen(ready_r, "rb") as ready:
-                if ready.read() != b"READY\n":
-                    raise SystemExit("cxrd proxy did not start")
+            # The proxy keeps the pipe after READY (a line per headset session): one line.
+            ready = stack.enter_context(os.fdopen(ready_r, "rb"))
+            if ready.readline() != b"READY\n":
+                raise SystemExit("cxrd proxy did not start")
 
             env = {**os.environ, "CXR_INSTALL_DIR": str(Path(tmp) / "isaacteleop")}
             teleop = start(
