@@ -26,34 +26,32 @@ class HeadsetUrl:
     client: str  # https://<host>:<port>/client/?serverIP=<host>&port=<port>
 
 
-def ipv4_addresses() -> list[str]:
-    """Each non-loopback, non-link-local IPv4 address of an interface that is up."""
+def _up_addresses(family: socket.AddressFamily) -> list[str]:
+    """Addresses of ``family`` on interfaces that are up, each once, in interface order."""
     stats = psutil.net_if_stats()
     found: list[str] = []
     for name, addrs in psutil.net_if_addrs().items():
         if name in stats and not stats[name].isup:
             continue
         for addr in addrs:
-            if addr.family != socket.AF_INET:
-                continue
-            ip = ipaddress.IPv4Address(addr.address)
-            if not (ip.is_loopback or ip.is_link_local) and addr.address not in found:
+            if addr.family == family and addr.address not in found:
                 found.append(addr.address)
     return found
 
 
+def ipv4_addresses() -> list[str]:
+    """Each non-loopback, non-link-local IPv4 address of an interface that is up."""
+    ips = (ipaddress.IPv4Address(a) for a in _up_addresses(socket.AF_INET))
+    return [str(ip) for ip in ips if not (ip.is_loopback or ip.is_link_local)]
+
+
 def global_ipv6_addresses() -> list[str]:
     """Each global-scope IPv6 address of an interface that is up."""
-    stats = psutil.net_if_stats()
     found: list[str] = []
-    for name, addrs in psutil.net_if_addrs().items():
-        if name in stats and not stats[name].isup:
-            continue
-        for addr in addrs:
-            if addr.family == socket.AF_INET6:
-                ip = ipaddress.IPv6Address(addr.address.split("%", 1)[0])
-                if ip.is_global and str(ip) not in found:
-                    found.append(str(ip))
+    for text in _up_addresses(socket.AF_INET6):
+        ip = ipaddress.IPv6Address(text.split("%", 1)[0])
+        if ip.is_global and str(ip) not in found:
+            found.append(str(ip))
     return found
 
 
