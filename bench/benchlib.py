@@ -102,3 +102,42 @@ def private_bus(workdir: Path, timeout: float = 10.0) -> Iterator[str]:
                 proc.stdout.close()
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def mentions(pid: int, needle: bytes) -> bool:
+    """Whether a live (not zombie) process's cmdline or environ names ``needle``."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        return any(needle in proc.joinpath(name).read_bytes() for name in ("cmdline", "environ"))
+    except (OSError, IndexError):
+        return False
+
+
+def processes_of(install_dir: Path) -> list[int]:
+    needle, me = str(install_dir).encode(), os.getpid()
+    return [
+        int(e.name)
+        for e in Path("/proc").iterdir()
+        if e.name.isdigit() and int(e.name) != me and mentions(int(e.name), needle)
+    ]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "(gone)"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")

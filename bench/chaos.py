@@ -45,10 +45,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -60,7 +58,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import free_port, private_bus
+from benchlib import cmdline, fd_count, mentions, private_bus, processes_of, rss_kib
+from chaos_daemon import STOP_TIMEOUT, Layout
+from chaos_plan import (
+    CONNECTIONS,
+    WEIGHTS,
+    Op,
+    plan,
+    plan_digest,
+    show,
+)
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
@@ -68,194 +75,7 @@ from cxrd.constants import BUS_NAME, INTERFACE, OBJECT_PATH
 
 FD_GROWTH_MAX = 16
 RSS_GROWTH_MAX_KIB = 20 * 1024
-MAX_OPS = 10_000
 MAX_IN_FLIGHT = 16
-CONNECTIONS = 3
-
-STARTUP_DELAY = 0.1
-STARTUP_TIMEOUT = 10.0
-STOP_TIMEOUT = 2.0
-
-GOOD_PROFILES = ("Quest3", "AppleVisionPro", "auto-webrtc")
-BAD_PROFILES = ("Quest 3", "Quest3\n", "Quest\t3")  # whitespace never names a profile
-# kind -> weight; the variants of each kind are drawn in plan().
-WEIGHTS = {
-    "status": 20,
-    "start": 8,
-    "start_bad": 4,
-    "restart": 4,
-    "restart_bad": 4,
-    "acquire": 6,
-    "release": 6,
-    "leave_bus": 2,
-    "reload": 5,
-    "reload_bad": 3,
-    "kill_runtime": 3,
-    "kill_proxy": 3,
-}
-# Invalid reloads: the file as it would be with one bad edit.
-BAD_RELOADS = (
-    "max_connections_type",  # proxy.max_connections = "many"
-    "max_connections_zero",  # proxy.max_connections = 0
-    "reserved_env",  # runtime.env.XR_RUNTIME_JSON
-    "env_newline",  # a runtime.env value with a line break
-    "profile_space",  # runtime.device_profile = "Quest 3"
-    "sim_negative",  # runtime.sim.startup_delay = -1
-)
-
-
-@dataclass(frozen=True)
-class Op:
-    at: float  # seconds after the soak began
-    kind: str
-    arg: str  # the variant: a profile, a reload edit, a lease index
-    conn: int  # which of the driver's connections calls
-
-
-def plan(seed: int, seconds: float, rate: float, without: Iterable[str] = ()) -> list[Op]:
-    """The soak's operations; the same seed, duration, rate and exclusions give the same list."""
-    rng = random.Random(seed)
-    left = {k: w for k, w in WEIGHTS.items() if k not in set(without)}
-    kinds, weights = list(left), list(left.values())
-    ops: list[Op] = []
-    at = 0.0
-    while len(ops) < MAX_OPS:
-        at += rng.expovariate(rate)
-        if at >= seconds:
-            break
-        kind = rng.choices(kinds, weights)[0]
-        arg = ""
-        if kind in ("start", "restart"):
-            arg = rng.choice(("", *GOOD_PROFILES))
-        elif kind in ("start_bad", "restart_bad"):
-            arg = rng.choice(BAD_PROFILES)
-        elif kind == "release":
-            arg = rng.choice(("unknown", str(rng.randrange(1000))))
-        elif kind == "reload":
-            arg = rng.choice((f"max_connections={rng.randint(8, 128)}", f"env={len(ops)}"))
-        elif kind == "reload_bad":
-            arg = rng.choice(BAD_RELOADS)
-        ops.append(Op(round(at, 4), kind, arg, rng.randrange(CONNECTIONS)))
-    return ops
-
-
-def plan_digest(ops: list[Op]) -> str:
-    text = "\n".join(f"{o.at}|{o.kind}|{o.arg}|{o.conn}" for o in ops)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@dataclass
-class Layout:
-    """The daemon's private files and ports."""
-
-    workdir: Path
-    proxy_port: int = field(default_factory=free_port)
-    backend_port: int = field(default_factory=free_port)
-
-    @property
-    def install_dir(self) -> Path:
-        return self.workdir / "cloudxr"
-
-    @property
-    def config(self) -> Path:
-        return self.workdir / "cxrd.toml"
-
-    @property
-    def log(self) -> Path:
-        return self.workdir / "cxrd.stderr"
-
-    def write_config(self, edit: str = "") -> None:
-        """The soak's config, with one edit (a reload's change) applied."""
-        max_connections: object = 64
-        env = {"CHAOS": "1"}
-        profile, delay = "Quest3", STARTUP_DELAY
-        key, _, value = edit.partition("=")
-        if key == "max_connections":
-            max_connections = int(value)
-        elif key == "env":
-            env["CHAOS_GENERATION"] = value
-        elif key == "max_connections_type":
-            max_connections = "many"
-        elif key == "max_connections_zero":
-            max_connections = 0
-        elif key == "reserved_env":
-            env["XR_RUNTIME_JSON"] = "/tmp/elsewhere.json"
-        elif key == "env_newline":
-            env["CHAOS_GENERATION"] = "two\nlines"
-        elif key == "profile_space":
-            profile = "Quest 3"
-        elif key == "sim_negative":
-            delay = -1.0
-        elif key:
-            raise ValueError(f"unknown config edit {edit!r}")
-        env_toml = ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items())
-        self.config.write_text(
-            f"install_dir = {json.dumps(str(self.install_dir))}\n"
-            "[runtime]\n"
-            'backend = "sim"\n'
-            f"startup_timeout = {STARTUP_TIMEOUT}\nstop_timeout = {STOP_TIMEOUT}\n"
-            f"device_profile = {json.dumps(profile)}\n"
-            f"env = {{ {env_toml} }}\n"
-            f"[runtime.sim]\nstartup_delay = {delay}\n"
-            '[proxy]\nhost = "127.0.0.1"\n'
-            f"port = {self.proxy_port}\nbackend_port = {self.backend_port}\n"
-            f"max_connections = {json.dumps(max_connections)}\n"
-            # Kills are the point here, not giving up: the restart budget is large.
-            "[restart]\nmax_restarts = 100000\nwindow = 60.0\n"
-            "backoff_initial = 0.05\nbackoff_max = 0.2\n"
-        )
-
-    def env(self, address: str) -> dict[str, str]:
-        drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "LISTEN_FDS")
-        env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("CXRD_")}
-        runtime_dir = self.workdir / "xdg-runtime"
-        runtime_dir.mkdir(mode=0o700, exist_ok=True)
-        env.update(
-            DBUS_SESSION_BUS_ADDRESS=address,
-            XDG_RUNTIME_DIR=str(runtime_dir),
-            XDG_CONFIG_HOME=str(self.workdir / "config"),
-            PYTHONUNBUFFERED="1",
-        )
-        return env
-
-
-def mentions(pid: int, needle: bytes) -> bool:
-    """Whether a live (not zombie) process's cmdline or environ names ``needle``."""
-    proc = Path(f"/proc/{pid}")
-    try:
-        if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-        return any(needle in proc.joinpath(name).read_bytes() for name in ("cmdline", "environ"))
-    except (OSError, IndexError):
-        return False
-
-
-def processes_of(install_dir: Path) -> list[int]:
-    needle, me = str(install_dir).encode(), os.getpid()
-    return [
-        int(e.name)
-        for e in Path("/proc").iterdir()
-        if e.name.isdigit() and int(e.name) != me and mentions(int(e.name), needle)
-    ]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return "(gone)"
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def _plain(value: Any) -> Any:
@@ -462,7 +282,7 @@ async def _drive(
                 report["daemon_exited_during_soak"] = {
                     "at_s": round(time.monotonic() - driver.began, 3),
                     "code": daemon.returncode,
-                    "after_ops": [_show(o) for o in ops[max(0, fired - 6) : fired]],
+                    "after_ops": [show(o) for o in ops[max(0, fired - 6) : fired]],
                 }
                 break
             tasks.append(asyncio.create_task(bounded(op)))
@@ -507,10 +327,6 @@ async def _drive(
         state_changes=dict(sorted(driver.states.items())),
     )
     return report
-
-
-def _show(op: Op) -> str:
-    return f"{op.at:.3f}s {op.kind}({op.arg!r})"
 
 
 def failures(report: dict[str, Any]) -> list[str]:
@@ -598,7 +414,7 @@ def soak(
         deadline = time.monotonic() + 3.0
         while (left := processes_of(layout.install_dir)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        report["orphans"] = [{"pid": pid, "cmdline": _cmdline(pid)} for pid in left]
+        report["orphans"] = [{"pid": pid, "cmdline": cmdline(pid)} for pid in left]
         for pid in left:  # never leave them to the next run
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -64,8 +64,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import free_port
-from chaos import processes_of
+from benchlib import free_port, processes_of
 
 
 def one_run(
