@@ -112,6 +112,12 @@ class Runner:
     def _settle_proxy_reload(self) -> None:
         raise NotImplementedError
 
+    def _check_run_complete(self) -> None:
+        raise NotImplementedError
+
+    def _maybe_start_phase(self) -> None:
+        raise NotImplementedError
+
     def _on_session(self, event: SessionEvent) -> None:
         raise NotImplementedError
 
@@ -299,16 +305,6 @@ class Runner:
             self._reason = f"the {child.name} is back after a restart"
         self._check_run_complete()
 
-    def _check_run_complete(self) -> None:
-        """A run is done once each of its children runs (or, the proxy, gave up)."""
-        if self._phase is Phase.STARTING and all(
-            c.state is ChildState.RUNNING or (c is self._proxy and c.state is ChildState.FATAL)
-            for c in (self._runtime, self._proxy)
-            if c.in_run
-        ):
-            self._was_ready = True
-            self._run_done()
-
     def _on_timed_out(self, child: Child) -> None:
         child.worker = None
         if child.state is not ChildState.STARTING:
@@ -450,35 +446,6 @@ class Runner:
         if old is not None and (new is None or new.listener is not old.listener):
             old.close()
         self._proxy_launch = new
-
-    def _begin_run(self, reason: str, stop: tuple[Child, ...] = ()) -> None:
-        self._reason = reason
-        self._launched = True
-        self._phase = Phase.STOPPING
-        for child in stop:
-            child.then = After.START
-        for child in stop:
-            self._stop_child(child, After.START)
-        if not stop:
-            for child in self._enabled():
-                child.then = After.START
-        self._maybe_start_phase()
-
-    def _maybe_start_phase(self) -> None:
-        children = (self._runtime, self._proxy)
-        if self._phase is not Phase.STOPPING or any(
-            c.state is ChildState.STOPPING
-            or (c.then is After.START and c.state is not ChildState.STOPPED)
-            for c in children
-        ):
-            return
-        self._phase = Phase.STARTING
-        self._reason = self._reason or "starting again"
-        for child in children:
-            if child.then is After.START:
-                child.then = After.STAY
-                if child in self._enabled():
-                    self._start_child(child, in_run=True, why="start")
 
     def _stop_everything(self) -> None:
         self._phase = Phase.NONE
