@@ -12,9 +12,9 @@ least twice its 8-client throughput).
 
 ``tls_layer`` sets cxrd's own TLS layer (proxy/tls.py: SSLObject over memory
 BIOs) against the same relay over asyncio's TLS transport
-(``create_server(ssl=...)``). On the 2-core development VM proxy/tls.py won:
-about 1.17x the round trips per second and 15-25% less proxy CPU per round
-trip, for 1 and for 8 clients; so the product keeps it.
+(``create_server(ssl=...)``). On the 2-core development VM proxy/tls.py won
+in every run: 1.04-1.17x the round trips per second and 12-25% less proxy CPU
+per round trip, for 1 and for 8 clients; so the product keeps it.
 
     .venv/bin/python bench/proxy_relay.py [--seconds 0.75] [--rounds 6] [--size 200]
 """
