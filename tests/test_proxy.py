@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import TIMEOUT, free_port
+from support import TIMEOUT, free_port, wait_until
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
@@ -785,3 +785,31 @@ def test_a_mismatched_pair_stops_the_proxy_with_a_named_error(
     assert f"{certs[0]}, {other_key}: cannot load the TLS pair" in out.stderr
     assert "mismatch" in out.stderr and "Traceback" not in out.stderr
     assert "cannot load the TLS pair" in log.read_text()
+
+
+def test_the_proxy_rotates_its_own_log_and_keeps_only_the_newest(
+    certs: tuple[Path, Path], backend: Backend, tmp_path: Path
+) -> None:
+    log = tmp_path / "wss.log"
+    max_bytes, keep = 2000, 2
+    limits = ("--log", str(log), "--log-max-bytes", str(max_bytes), "--log-keep", str(keep))
+    proxy = Proxy(certs, backend.port, *limits)
+    try:
+
+        async def sessions() -> None:
+            for n in range(60):  # each session writes one summary line when it ends
+                async with open_ws(proxy, certs, f"/session-{n}") as ws:
+                    await ws.send("x")
+                    assert await ws.recv() == "x"
+
+        run(sessions())
+        wait_until(lambda: "/session-59" in log.read_text(), "the last session's line")
+    finally:
+        proxy.stop()
+    files = sorted(p.name for p in tmp_path.glob("wss.log*"))
+    assert files == ["wss.log", "wss.log.1", "wss.log.2"], files
+    assert all((tmp_path / name).stat().st_size <= max_bytes for name in files)
+    # Nothing lost inside what is kept: the newest sessions, each once, in order.
+    kept = "".join((tmp_path / name).read_text() for name in reversed(files))
+    numbers = [int(m) for m in re.findall(r"/session-(\d+)", kept)]
+    assert numbers == list(range(numbers[0], 60)), numbers
