@@ -16,7 +16,7 @@ from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 from dbus_helpers import Signals, call, connect, error, get_all, get_property, ok, run
 from fixtures_dbus import BusDaemon
-from support import TIMEOUT
+from support import TIMEOUT, free_port
 
 import cxrd
 from cxrd.constants import BUS_NAME, INTERFACE, INTERFACE_VERSION, INTROSPECTION_XML
@@ -254,6 +254,11 @@ def test_a_second_daemon_on_the_bus_is_refused_naming_the_first(
     other = tmp_path / "other.toml"
     text = ready_daemon.denv.config_path.read_text()
     text = text.replace(str(ready_daemon.denv.install_dir), str(tmp_path / "other-install"))
+    # Ports of its own: its runtime starts before it joins the bus, and only the
+    # bus name may be what the two daemons dispute.
+    d = ready_daemon.denv
+    text = text.replace(f"port = {d.proxy_port}\n", f"port = {free_port()}\n")
+    text = text.replace(f"backend_port = {d.backend_port}\n", f"backend_port = {free_port()}\n")
     other.write_text(text)
     result = subprocess.run(
         [sys.executable, "-m", "cxrd", "--config", str(other)],
