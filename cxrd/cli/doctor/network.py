@@ -12,6 +12,7 @@ from cxrd.cli.doctor.bus import BusFacts
 from cxrd.cli.doctor.check import Check
 from cxrd.config import Config
 from cxrd.errors import CxrdError
+from cxrd.proxy.static import INDEX, has_index
 from cxrd.system.addresses import headset_hosts
 
 CERT_WARN_DAYS = 30
@@ -106,11 +107,11 @@ def check_web_client(config: Config) -> Check:
     if not config.proxy.enabled or not config.proxy.host_client:
         return Check("web client", "ok", "not hosted (proxy.host_client = false)")
     where = config.client_path
-    if not (where / "index.html").is_file():
+    if not has_index(where):
         return Check(
             "web client",
             "warn",
-            f"no index.html in {where}: /client/ says how to get it",
+            f"no {INDEX} in {where}: /client/ says how to get it",
             "cxrctl client fetch   (offline: cxrctl client fetch --from DIR)",
         )
     return Check("web client", "ok", f"served from {where} at /client/")
