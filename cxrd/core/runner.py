@@ -1,10 +1,12 @@
 """The mechanics under the supervisor: the queue, and each child's start, stop and exit.
 
-:class:`Runner.run` is the one task that changes state. Workers (a child's
-start, the stop of a process group, the watch on its exit, a backoff timer)
-never change it themselves: they post what happened, and the handler for that
-report decides. A report about an earlier process of a child carries an old
-``gen`` and is dropped.
+:class:`Runner.run` is the one task that decides. Workers (a child's start,
+the stop of a process group, the watch on its exit, a backoff timer) post
+what happened, and the handler for that report decides what follows. The only
+state a start worker writes is what it prepared for its own spawn, before
+spawning: the proxy's launch on its first start, the runtime's log offset. A
+report about an earlier process of a child carries an old ``gen`` and is
+dropped.
 """
 
 from __future__ import annotations
