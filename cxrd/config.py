@@ -186,12 +186,14 @@ def load_config(
     instance: str = "",
     env_file: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the effective config of ``instance`` ("" is the unnamed one).
 
     ``path`` None means the instance's default path, which may be absent; a
     given path must exist. ``overrides`` maps dotted keys
-    (``"runtime.backend"``) to values.
+    (``"runtime.backend"``) to values. ``environ`` is the daemon's own
+    environment: its GPU pin is read as ``runtime.gpu`` (see :func:`_gpu_from_environ`).
     """
     try:
         inst = Instance.of(instance)
@@ -219,6 +221,8 @@ def load_config(
         config = _apply_env_file(config, env_file)
     if overrides:
         config = _apply_overrides(config, overrides)
+    if environ is not None:
+        config = _gpu_from_environ(config, environ)
     config = dataclasses.replace(config, source=source, instance=inst.name)
     _check_semantics(config)
     return config
@@ -255,6 +259,39 @@ def _apply_env_file(config: Config, path: Path) -> Config:
     # The file is above the TOML: its NV_CXR_SERVER_PORT wins over runtime.signaling_port.
     config = dataclasses.replace(config, runtime=runtime)
     return _lift_env_settings(config, values, str(path), "", None)
+
+
+def _gpu_from_environ(config: Config, environ: Mapping[str, str]) -> Config:
+    """NV_CXR_GPU_INDEX_CUDA in cxrd's own environment (``systemctl --user
+    set-environment``, ``docker run -e``) is ``runtime.gpu`` where no file or
+    flag sets it, so Status() shows the GPU the runtime really gets. The
+    Vulkan index is refused: cxrd pins by CUDA index and would not show it.
+    """
+    vulkan = environ.get(C.GPU_VULKAN_ENV)
+    if vulkan is not None:
+        raise InvalidConfig(
+            f"environment: {C.GPU_VULKAN_ENV}={vulkan!r}: cxrd pins the runtime's GPU by "
+            f"CUDA index; unset it and set runtime.gpu (or {C.GPU_CUDA_ENV}) instead"
+        )
+    raw = environ.get(C.GPU_CUDA_ENV)
+    if raw is None:
+        return config
+    try:
+        gpu = int(raw.strip())
+    except ValueError:
+        raise InvalidConfig(
+            f"environment: {C.GPU_CUDA_ENV}: expected a CUDA device index, got {raw!r}"
+        ) from None
+    if config.runtime.gpu is None:
+        return dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, gpu=gpu))
+    if config.runtime.gpu != gpu:
+        log.warning(
+            "environment: %s=%d is overridden by runtime.gpu = %d",
+            C.GPU_CUDA_ENV,
+            gpu,
+            config.runtime.gpu,
+        )
+    return config
 
 
 def _names_signaling(section: Any) -> bool:

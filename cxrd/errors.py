@@ -81,6 +81,14 @@ class ProfileMismatch(CxrdError):
     hint = "`cxrctl restart --profile P` switches the running runtime's profile"
 
 
+class ConfigMismatch(CxrdError):
+    """A Start asks for other env or GPU settings than the runtime in use runs with."""
+
+    name = "ConfigMismatch"
+    exit_code = 22
+    hint = "`cxrctl restart --env-file FILE --gpu N --profile P` switches the running runtime"
+
+
 class Busy(CxrdError):
     name = "Busy"
     exit_code = 18
@@ -121,6 +129,7 @@ ALL_ERRORS: tuple[type[CxrdError], ...] = (
     InvalidConfig,
     GaveUp,
     ProfileMismatch,
+    ConfigMismatch,
     Busy,
     InvalidArgs,
     AccessDenied,

@@ -33,9 +33,11 @@ from cxrd import constants as C
 from cxrd import instances
 from cxrd.client import CloudXRClient
 from cxrd.config import load_config, parse_env_file, same_profile
+from cxrd.core.choice import Choice
 from cxrd.core.snapshot import Snapshot
 from cxrd.core.states import State
-from cxrd.errors import CxrdError, NotRunning, ProfileMismatch
+from cxrd.dbus.client import Held
+from cxrd.errors import ConfigMismatch, CxrdError, NotRunning, ProfileMismatch
 from cxrd.instances import Instance
 
 logger = logging.getLogger(__name__)
@@ -126,7 +128,7 @@ class CloudXRLauncher:
         self._owns = run_embedded
         self._bus_address = bus_address
         self._closed = False
-        self._lease: str | None = None
+        self._lease: Held | None = None
         self._snapshot: Snapshot | None = None
         if accept_eula:
             from cxrd.system import eula
@@ -157,16 +159,20 @@ class CloudXRLauncher:
                 "Stop it first (`cxrctl stop`), or construct the launcher without run_embedded."
             )
         requested = self._read_env_config(Path(env_config)) if env_config is not None else {}
-        # As in isaacteleop, the env file's profile beats the constructor's.
-        profile = requested.get(C.DEVICE_PROFILE_ENV, profile)
-        self._lease = client.acquire(f"CloudXRLauncher (pid {os.getpid()})")
-        wanted = profile if profile != DEFAULT_DEVICE_PROFILE else None
+        choice = self._choice(profile, requested)
+        reason = f"CloudXRLauncher (pid {os.getpid()})"
         try:
-            snap = client.start(timeout=timeout, device_profile=wanted)
-        except ProfileMismatch as err:
-            # isaacteleop attaches anyway and says so; a running runtime keeps its profile.
-            logger.warning("%s; attaching to the running runtime", err)
-            snap = client.start(timeout=timeout)
+            held = client.hold(
+                reason, timeout=timeout, device_profile=choice.profile, env=choice.env,
+                gpu=choice.gpu,
+            )  # fmt: skip
+        except (ProfileMismatch, ConfigMismatch) as err:
+            # isaacteleop attaches to a live runtime whatever its env file says; so do we, aloud.
+            logger.warning("%s; attaching to the running runtime as it is", err)
+            held = client.hold(reason, timeout=timeout)
+        self._lease = held
+        assert held.snapshot is not None
+        snap = held.snapshot
         self._snapshot = snap
         if not snap.environment:
             raise LauncherError(
@@ -183,6 +189,22 @@ class CloudXRLauncher:
         if env_config is not None:
             self._report_env_config(Path(env_config), requested, snap.environment)
         logger.info("Attached to the CloudXR runtime cxrd serves (pid %d)", snap.runtime.pid)
+
+    @staticmethod
+    def _choice(profile: str, requested: dict[str, str]) -> Choice:
+        """What to ask cxrd for: the env file's keys and profile (it beats the constructor's,
+        as in isaacteleop) and the GPU this process pinned (Isaac Lab sets
+        NV_CXR_GPU_INDEX_CUDA in os.environ before it makes the launcher)."""
+        values = {C.DEVICE_PROFILE_ENV: profile, **requested}
+        if values[C.DEVICE_PROFILE_ENV] == DEFAULT_DEVICE_PROFILE:
+            del values[C.DEVICE_PROFILE_ENV]  # the default: whatever cxrd is configured with
+        if C.GPU_CUDA_ENV not in values and C.GPU_VULKAN_ENV not in values:
+            pinned = os.environ.get(C.GPU_CUDA_ENV, "").strip()
+            if pinned:
+                values[C.GPU_CUDA_ENV] = pinned
+        for key in (C.SERVER_PORT_ENV, C.MEDIA_PORT_ENV):
+            values.pop(key, None)  # the daemon's ports; reported below when they differ
+        return Choice.from_env(values)
 
     @staticmethod
     def _read_env_config(path: Path) -> dict[str, str]:
@@ -258,7 +280,7 @@ class CloudXRLauncher:
             if self._lease is not None:
                 lease, self._lease = self._lease, None
                 with contextlib.suppress(CxrdError):  # gone with the daemon already
-                    self._client.release(lease)
+                    self._client.let_go(lease)
             if self._owns:
                 self._owns = False
                 try:

@@ -169,6 +169,8 @@ class FakeHost:
         if self.world.eula_missing:
             raise EulaNotAccepted("the CloudXR EULA is not accepted")
         env = {"NV_DEVICE_PROFILE": profile, **config.runtime.env}
+        if config.runtime.gpu is not None:
+            env["NV_CXR_GPU_INDEX_CUDA"] = str(config.runtime.gpu)
         spec = ChildSpec(name="runtime", argv=("fake-runtime",), env=env, stderr=Path("/dev/null"))
         return RuntimeLaunch("sim", spec, env, Path("/dev/null"), Path("/nonexistent"))
 
@@ -199,6 +201,9 @@ class FakeHost:
 
     def clear_run_files(self, run_dir: Path) -> None:
         pass
+
+    def env_file_event(self) -> str:
+        return ""
 
     def record_failure(self, run_dir: Path, error: CxrdError) -> None:
         pass

@@ -7,6 +7,7 @@ from dbus_fast import DBusError, Variant
 from dbus_fast.service import ServiceInterface
 
 from cxrd.constants import INTERFACE
+from cxrd.core.choice import Choice
 from cxrd.core.snapshot import Lease, ProxyStatus, RuntimeStatus, Snapshot
 from cxrd.core.states import State
 from cxrd.dbus import wire
@@ -55,8 +56,9 @@ def test_properties_follow_the_snapshot() -> None:
 
 
 def test_start_options_are_checked_and_every_offender_named() -> None:
-    assert wire.parse_start_options({}) == (None, None)
-    assert wire.parse_start_options(wire.start_options(2.5, "AVP")) == (2.5, "AVP")
+    assert wire.parse_start_options({}) == (None, Choice())
+    asked = Choice(profile="AVP", env={"NV_ENABLE_POSE_WAIT": "0"}, gpu=1)
+    assert wire.parse_start_options(wire.start_options(2.5, asked)) == (2.5, asked)
     with pytest.raises(InvalidArgs) as caught:
         wire.parse_start_options({"timeout": Variant("i", 3), "profile": Variant("s", "x")})
     assert "timeout" in str(caught.value) and "'profile'" in str(caught.value)

@@ -12,6 +12,7 @@ import pytest
 from fakes import STARTUP_TIMEOUT, STOP_TIMEOUT, Harness, base_config
 
 from cxrd.config import Config
+from cxrd.core.choice import Choice
 from cxrd.core.states import ChildState, State
 from cxrd.errors import (
     AlreadyServing,
@@ -182,7 +183,7 @@ def test_reloads_do_not_reset_the_crash_history(h: Harness) -> None:
 
 def test_start_with_a_profile_that_activates_the_daemon_is_honoured(h: Harness) -> None:
     h.call(h.sup.launch)  # the daemon's own start, racing the activating call
-    start = h.call(lambda: h.sup.start(device_profile="AppleVisionPro"))
+    start = h.call(lambda: h.sup.start(choice=Choice(profile="AppleVisionPro")))
     for _ in range(3):
         h.ready("runtime")
         h.ready("proxy")
@@ -194,7 +195,7 @@ def test_start_with_a_profile_that_activates_the_daemon_is_honoured(h: Harness) 
 def test_a_claimed_runtime_answers_profile_mismatch(h: Harness) -> None:
     h.bring_up()
     h.call(lambda: h.sup.start()).result()  # a client now uses it
-    start = h.call(lambda: h.sup.start(device_profile="AppleVisionPro"))
+    start = h.call(lambda: h.sup.start(choice=Choice(profile="AppleVisionPro")))
     with pytest.raises(ProfileMismatch):
         start.result()
 
@@ -214,7 +215,7 @@ def test_start_while_restarting_waits_for_the_runtime_to_be_back(h: Harness) -> 
 def test_a_restart_with_a_malformed_profile_touches_nothing(h: Harness) -> None:
     h.bring_up()
     before = pids(h)
-    restart = h.call(lambda: h.sup.restart(device_profile="Quest 3"))
+    restart = h.call(lambda: h.sup.restart(choice=Choice(profile="Quest 3")))
     with pytest.raises(InvalidArgs):
         restart.result()
     assert pids(h) == before and h.sup.state is State.READY

@@ -26,10 +26,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cxrd.config import Config
+from cxrd.core.choice import Choice
 from cxrd.core.states import ChildState, State
 from cxrd.errors import CxrdError, InvalidConfig
 
 PROFILES = st.sampled_from(["Quest3", "AppleVisionPro", "auto-webrtc"])
+ENVS = st.sampled_from([{}, {"NV_CXR_ENABLE_PUSH_DEVICES": "0"}, {"NV_ENABLE_POSE_WAIT": "0"}])
+GPUS = st.none() | st.sampled_from([0, 1])
+CHOICES = st.builds(Choice, profile=st.none() | PROFILES, env=ENVS, gpu=GPUS)
 BAD_PROFILES = st.sampled_from(["Quest 3", "", "a\tb"])
 LIVE = (ChildState.STARTING, ChildState.RUNNING, ChildState.STOPPING)
 
@@ -61,6 +65,7 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.restarts = (0, 0)
         self.leases: list[str] = []
         self.violations: list[str] = []
+        self.changes = 0  # Restarts and reloads asked for: they may change what a Start got
         self.calls.append(self.h.call(self.h.sup.launch))
 
     # ---- requests ----
@@ -77,11 +82,22 @@ class SupervisorMachine(RuleBasedStateMachine):
         sup = self.h.sup
         if getattr(task, "is_start", False) and sup._runtime.state is not ChildState.RUNNING:
             self.violations.append(f"Start answered with the runtime {sup._runtime.state}")
+        choice, changes = getattr(task, "asked", (None, 0))
+        if choice is not None and changes == self.changes:
+            differs = choice.differences(sup._running_config)
+            if differs:
+                self.violations.append(f"Start of {choice} answered, runtime differs: {differs}")
 
-    @rule(profile=st.none() | PROFILES)
-    def start(self, profile: str | None) -> None:
-        task = self.h.loop.create_task(self.h.sup.start(device_profile=profile))
+    @rule(choice=CHOICES)
+    def restart_into(self, choice: Choice) -> None:
+        self.changes += 1
+        self._ask(lambda: self.h.sup.restart(choice=choice))
+
+    @rule(choice=CHOICES)
+    def start(self, choice: Choice) -> None:
+        task = self.h.loop.create_task(self.h.sup.start(choice=choice))
         task.is_start = True  # type: ignore[attr-defined]
+        task.asked = (choice, self.changes)  # type: ignore[attr-defined]
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         task.add_done_callback(self._check_answer)
         self.calls.append(task)
@@ -89,19 +105,28 @@ class SupervisorMachine(RuleBasedStateMachine):
 
     @rule(profile=BAD_PROFILES)
     def start_malformed(self, profile: str) -> None:
-        self._ask(lambda: self.h.sup.start(device_profile=profile))
+        self._ask(lambda: self.h.sup.start(choice=Choice(profile=profile)))
 
     @rule(profile=st.none() | PROFILES | BAD_PROFILES)
     def restart(self, profile: str | None) -> None:
-        self._ask(lambda: self.h.sup.restart(device_profile=profile))
+        self.changes += 1
+        self._ask(lambda: self.h.sup.restart(choice=Choice(profile=profile)))
 
     @rule(kind=st.sampled_from(sorted(reload_kinds(base_config(Path("/"))))))
     def reload(self, kind: str) -> None:
+        self.changes += 1
         self.calls.append(self.h.reload_with(self.kinds[kind]))
 
     @rule()
     def acquire(self) -> None:
-        self.leases.append(self.h.sup.acquire(":1.9", 9, "model"))
+        sup = self.h.sup
+        ending = sup._stop_latched or sup._failure is not None
+        try:
+            self.leases.append(sup.acquire(":1.9", 9, "model"))
+        except CxrdError as err:
+            assert ending, f"Acquire refused ({err}) by a daemon that is not ending"
+        else:
+            assert not ending, "a lease granted by a daemon on its way out"
 
     @precondition(lambda self: bool(self.leases))
     @rule()

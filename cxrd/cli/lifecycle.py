@@ -7,16 +7,48 @@ import asyncio
 import sys
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from cxrd.cli.common import Out, with_client
 from cxrd.cli.urls import describe_agent
 from cxrd.client import AsyncCloudXRClient
+from cxrd.config import parse_env_file
+from cxrd.core.choice import Choice
 from cxrd.core.snapshot import Snapshot
 from cxrd.errors import NotRunning, Timeout
 
 DEFAULT_WAIT = 90.0  # seconds `cxrctl wait` waits for ready when not told
 EXIT_NO_HEADSET = 3  # `cxrctl wait --headset`: none came in time
+
+
+def add_choice_arguments(p: argparse.ArgumentParser) -> None:
+    """--profile, --env-file, --gpu: what the runtime should run with (Start's options)."""
+    p.add_argument("--profile", help="device profile (NV_DEVICE_PROFILE) the runtime must have")
+    p.add_argument(
+        "--env-file",
+        type=Path,
+        metavar="FILE",
+        help="an isaacteleop KEY=value file (Isaac Lab's cloudxrjs-cloudxr.env, ...): "
+        "the profile, GPU and env the runtime must have",
+    )
+    p.add_argument(
+        "--gpu",
+        type=int,
+        metavar="N",
+        help="CUDA index of the runtime's GPU (NV_CXR_GPU_INDEX_CUDA)",
+    )
+
+
+def requested_choice(args: argparse.Namespace) -> Choice:
+    """The settings of :func:`add_choice_arguments`: the flags beat the env file's keys."""
+    values = parse_env_file(args.env_file) if args.env_file is not None else {}
+    from_file = Choice.from_env(values)
+    return Choice(
+        profile=args.profile if args.profile is not None else from_file.profile,
+        env=from_file.env,
+        gpu=args.gpu if args.gpu is not None else from_file.gpu,
+    )
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -31,8 +63,12 @@ def cmd_start(args: argparse.Namespace) -> int:
 
         return with_client(args, request)
 
+    choice = requested_choice(args)
+
     async def start(client: AsyncCloudXRClient) -> int:
-        coro = client.start(timeout=args.timeout, device_profile=args.profile)
+        coro = client.start(
+            timeout=args.timeout, device_profile=choice.profile, env=choice.env, gpu=choice.gpu
+        )
         snap, elapsed = await _with_progress("Starting CloudXR", coro)
         _print_ready(snap, f"ready in {elapsed:.1f} s")
         return 0
@@ -41,8 +77,12 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
+    choice = requested_choice(args)
+
     async def restart(client: AsyncCloudXRClient) -> int:
-        coro = client.restart(timeout=args.timeout, device_profile=args.profile)
+        coro = client.restart(
+            timeout=args.timeout, device_profile=choice.profile, env=choice.env, gpu=choice.gpu
+        )
         snap, elapsed = await _with_progress("Restarting CloudXR", coro)
         _print_ready(snap, f"restarted in {elapsed:.1f} s")
         return 0

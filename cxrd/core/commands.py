@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from cxrd.config import Config
 from cxrd.core.children import Child
+from cxrd.core.choice import Choice
 from cxrd.core.ports import ChildHandle
 from cxrd.errors import CxrdError
 from cxrd.proxy.events import SessionEvent
@@ -29,15 +30,17 @@ Reply = asyncio.Future[str]
 
 @dataclass(frozen=True)
 class StartRequest:
-    profile: str | None
+    choice: Choice  # what the client asks the runtime to run with; empty: anything
     reply: Reply
     by_client: bool  # a client's Start (claims the runtime), not the daemon's own
+    by: str = ""  # who asks, for Status()'s requested_by
 
 
 @dataclass(frozen=True)
 class RestartRequest:
-    profile: str | None
+    choice: Choice  # the keys to change; the others stay as the runtime runs
     reply: Reply
+    by: str = ""
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,9 @@ class Kind(enum.Enum):
 @dataclass(eq=False)
 class Operation:
     kind: Kind
-    profile: str  # the runtime's profile once this operation is done
+    choice: Choice  # what the runtime runs with over the config once this is done
     replies: list[Reply] = field(default_factory=list)
+    by: str = ""  # who made that choice ("" the config)
     read: Callable[[], Config] | None = None  # RELOAD: how to get the new config
     # Filled in by preparation, before anything running is touched:
     config: Config | None = None

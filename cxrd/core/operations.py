@@ -17,6 +17,7 @@ from dataclasses import replace
 from cxrd.config import Config
 from cxrd.core import commands as M
 from cxrd.core.children import After, Child
+from cxrd.core.choice import Choice
 from cxrd.core.commands import Kind, Operation
 from cxrd.core.ports import Clock, Host, Launcher, Notifier, Readiness
 from cxrd.core.runner import Runner
@@ -71,7 +72,8 @@ class Operations(Runner):
             waiting.read = msg.read
             waiting.replies.append(msg.reply)
             return
-        self._enqueue(Operation(Kind.RELOAD, self._target_profile(), [msg.reply], read=msg.read))
+        choice, by = self._target()
+        self._enqueue(Operation(Kind.RELOAD, choice, [msg.reply], read=msg.read, by=by))
 
     def _reload_answered(self, reply: M.Reply, outcome: str | CxrdError) -> None:
         if isinstance(outcome, CxrdError):
@@ -86,11 +88,13 @@ class Operations(Runner):
         self._status_line, self._reason = line, ""
         answer(reply, outcome)
 
-    def _target_profile(self) -> str:
-        """The profile the runtime has once everything queued is done."""
-        if self._queue:
-            return self._queue[-1].profile
-        return self._op.profile if self._op is not None else self._profile
+    def _target(self) -> tuple[Choice, str]:
+        """What the runtime runs with over the config once everything queued is done, and
+        at whose request."""
+        last = self._queue[-1] if self._queue else self._op
+        if last is not None:
+            return last.choice, last.by
+        return self._choice, self._chosen_by
 
     def _enqueue(self, op: Operation) -> None:
         self._queue.append(op)
@@ -100,7 +104,7 @@ class Operations(Runner):
         if self._op is not None or not self._queue or self._stop_latched or self._failure:
             return
         op = self._op = self._queue.popleft()
-        log.info("%s: preparing (profile %s)", op.kind.value, op.profile)
+        log.info("%s: preparing (%s)", op.kind.value, _described(op.choice))
         op.prep = asyncio.create_task(self._prepare(op), name=f"cxrd-prepare-{op.kind.value}")
 
     async def _prepare(self, op: Operation) -> None:
@@ -115,15 +119,16 @@ class Operations(Runner):
                         f"({self._config.install_path} -> {config.install_path}); "
                         "restart the service instead"
                     )
-                if config.runtime.device_profile != self._config.runtime.device_profile:
-                    op.profile = config.runtime.device_profile
+                op.choice = op.choice.keeping(self._config, config)
+                op.by = op.by if not op.choice.empty else ""
                 runtime, proxy, changed = M.reload_changes(self._config, config)
                 op.restart_runtime, op.restart_proxy = runtime, proxy
                 op.summary = f"changed {', '.join(changed)}" if changed else "no setting changed"
                 if proxy and config.proxy.enabled:
                     op.proxy = await self._host.prepare_proxy(config, keep=self._proxy_launch)
             op.config = config
-            op.runtime = self._host.prepare_runtime(config, op.profile)
+            running = op.choice.applied(config)
+            op.runtime = self._host.prepare_runtime(running, running.runtime.device_profile)
         except CxrdError as err:
             self._post(M.Prepared(op, err))
             return
@@ -155,7 +160,7 @@ class Operations(Runner):
             self._adopt(op.config)
         if op.is_run:
             self._runtime_launch = op.runtime
-            self._profile = op.profile
+            self._choice, self._chosen_by = op.choice, op.by
         if op.kind is Kind.LAUNCH:
             self._begin_run("start requested")
         elif op.kind is Kind.RESTART:
@@ -281,7 +286,8 @@ class Operations(Runner):
     def _ready_words(self) -> str:
         proxy = self._proxy_launch if self._config.proxy.enabled else None
         where = f"; headsets connect to {proxy.url}" if proxy is not None else ""
-        return f"{self._config.runtime.backend} runtime ready (profile {self._profile}){where}"
+        profile = self._running_config.runtime.device_profile
+        return f"{self._config.runtime.backend} runtime ready (profile {profile}){where}"
 
     def _abandon_operations(self, err: CxrdError) -> None:
         self._disarm_idle()
@@ -306,3 +312,10 @@ def answer(reply: M.Reply, outcome: str | CxrdError) -> None:
         reply.set_exception(outcome)
     else:
         reply.set_result(outcome)
+
+
+def _described(choice: Choice) -> str:
+    settings = choice.as_settings()
+    if not settings:
+        return "as configured"
+    return ", ".join(f"{key}={value}" for key, value in settings.items())

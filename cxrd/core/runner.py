@@ -22,6 +22,7 @@ from cxrd import constants as C
 from cxrd.config import Config
 from cxrd.core import commands as M
 from cxrd.core.children import After, Child
+from cxrd.core.choice import Choice
 from cxrd.core.ports import ChildHandle, Clock, Host, Launcher, Readiness
 from cxrd.core.states import ChildState, Phase
 from cxrd.errors import Busy, CxrdError, GaveUp, StartFailed, Timeout
@@ -87,7 +88,8 @@ class Runner:
         self._launched = False  # the first start has begun
         self._was_ready = False  # once ready, a child that fails is recovered, never fatal
         self._phase = Phase.NONE
-        self._profile = config.runtime.device_profile
+        self._choice = Choice()  # what a client chose over the config for the runtime
+        self._chosen_by = ""
         self._runtime_launch: RuntimeLaunch | None = None
         self._proxy_launch: ProxyLaunch | None = None
         self._pending_proxy: ProxyLaunch | None = None  # a reload's, once the old proxy is gone
@@ -125,6 +127,11 @@ class Runner:
 
     def _drop_headsets(self, why: str) -> None:
         raise NotImplementedError
+
+    @property
+    def _running_config(self) -> Config:
+        """The config as the runtime runs it: with what a client chose over it."""
+        return self._choice.applied(self._config)
 
     # ---- the loop ------------------------------------------------------------
 

@@ -76,3 +76,8 @@ class Snapshot:
     ready_since: float = 0.0  # Unix time the daemon became ready; 0 while it is not
     last_start_seconds: float = 0.0  # starting/restarting -> ready, the latest; 0 before one
     headsets: tuple[Headset, ...] = field(default=())
+    # What a client's Start chose over the config (device_profile, gpu, env keys), and who.
+    requested: Mapping[str, str] = field(default_factory=dict)
+    requested_by: str = ""  # "" while the runtime runs as the config says
+    # The last time another program changed run/cloudxr.env and cxrd put it back; "" if never.
+    env_file_event: str = ""

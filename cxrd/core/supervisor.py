@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 from cxrd import __version__
 from cxrd import constants as C
-from cxrd.config import Config, check_device_profile, same_profile
+from cxrd.config import Config
 from cxrd.core import commands as M
 from cxrd.core.children import Child
+from cxrd.core.choice import Choice, describe_mismatch
 from cxrd.core.commands import Kind, Operation
 from cxrd.core.operations import Operations, answer
 from cxrd.core.policy import RestartPolicy
@@ -41,6 +42,7 @@ from cxrd.core.states import (
 )
 from cxrd.errors import (
     Busy,
+    ConfigMismatch,
     CxrdError,
     NoSuchLease,
     ProfileMismatch,
@@ -119,6 +121,7 @@ class Supervisor(Operations):
         if proxy is not None:
             logs["proxy"] = str(proxy.log_path)
         published = launch is not None and rt.state is not ChildState.STOPPED
+        running = self._running_config
         return Snapshot(
             state=self._state,
             backend=self._config.runtime.backend,
@@ -139,7 +142,7 @@ class Supervisor(Operations):
                 last_exit=px.last_exit,
                 state=str(px.state),
             ),
-            device_profile=self._profile,
+            device_profile=running.runtime.device_profile,
             environment=dict(launch.environment) if launch is not None and published else {},
             env_file=str(self._config.run_dir / C.ENV_FILE),
             logs=logs,
@@ -150,13 +153,20 @@ class Supervisor(Operations):
             interface_version=C.INTERFACE_VERSION,
             leases=tuple(self._leases.values()),
             instance=self._config.instance,
-            gpu=self._config.runtime.gpu if self._config.runtime.gpu is not None else -1,
+            gpu=running.runtime.gpu if running.runtime.gpu is not None else -1,
             signaling_port=self._config.runtime.signaling_port,
             media_port=self._config.runtime.media_port,
             ready_since=self._ready_since,
             last_start_seconds=self._last_start_seconds,
             headsets=tuple(self._headsets.values()),
+            env_file_event=self._host.env_file_event(),
+            requested=self._choice.as_settings(),
+            requested_by=self._chosen_by,
         )
+
+    def refresh(self) -> None:
+        """Something a port keeps (the env file's last restore) changed: tell the listeners."""
+        self._emit(Updated())
 
     def _emit(self, event: Event) -> None:
         for listener in list(self._listeners):
@@ -168,20 +178,28 @@ class Supervisor(Operations):
     # ---- requests ------------------------------------------------------------
 
     async def start(
-        self, *, timeout: float | None = None, device_profile: str | None = None
+        self, *, timeout: float | None = None, choice: Choice | None = None, by: str = ""
     ) -> None:
-        """Return once ready; the first call starts. See the README's overlap table."""
-        await self._ask(M.StartRequest(device_profile, self._reply(), by_client=True), timeout)
+        """Return once ready; the first call starts. See the README's overlap table.
+
+        ``choice`` (profile, env, GPU) is given to a runtime nobody uses yet
+        (restarting it if need be); one in use that runs otherwise refuses it.
+        """
+        request = M.StartRequest(choice or Choice(), self._reply(), by_client=True, by=by)
+        await self._ask(request, timeout)
 
     async def launch(self) -> None:
-        """The daemon's own start at launch: a client's later Start may pick the profile."""
-        await self._ask(M.StartRequest(None, self._reply(), by_client=False), None)
+        """The daemon's own start at launch: a client's later Start may pick the settings."""
+        await self._ask(M.StartRequest(Choice(), self._reply(), by_client=False), None)
 
     async def restart(
-        self, *, timeout: float | None = None, device_profile: str | None = None
+        self, *, timeout: float | None = None, choice: Choice | None = None, by: str = ""
     ) -> None:
-        """Validate, then stop both groups and start them again; return once ready."""
-        await self._ask(M.RestartRequest(device_profile, self._reply()), timeout)
+        """Validate, then stop both groups and start them again; return once ready.
+
+        ``choice`` changes the keys it names; the runtime keeps the rest.
+        """
+        await self._ask(M.RestartRequest(choice or Choice(), self._reply(), by=by), timeout)
 
     async def reload(self, read: Callable[[], Config]) -> str:
         """Re-read the config with ``read``; restart only what changed. Returns what it did."""
@@ -225,9 +243,16 @@ class Supervisor(Operations):
     # ---- leases ------------------------------------------------------------
 
     def acquire(self, holder: str, pid: int, reason: str) -> str:
+        """A lease for ``holder``; Busy once the daemon is on its way out.
+
+        A lease alone does not claim the runtime's settings: the holder's
+        Start does, so a client that leases first and then starts with a
+        profile gets it from a daemon it has just activated.
+        """
+        if (refused := self._refusal()) is not None:
+            raise refused
         lease = Lease(id=uuid.uuid4().hex, holder=holder, pid=pid, reason=reason, since=time.time())
         self._leases[lease.id] = lease
-        self._claimed = True
         self._disarm_idle()
         log.info("lease %s acquired by %s (pid %d): %s", lease.id, holder, pid, reason)
         self._emit(Updated())
@@ -314,12 +339,12 @@ class Supervisor(Operations):
         elif isinstance(msg, M.Prepared):
             self._on_prepared(msg)
 
-    def _refused(self, reply: M.Reply, profile: str | None) -> bool:
-        """Answer a request that cannot be served (ending, failed, malformed profile)."""
+    def _refused(self, reply: M.Reply, choice: Choice) -> bool:
+        """Answer a request that cannot be served (ending, failed, malformed settings)."""
         refused = self._refusal()
-        if refused is None and profile is not None:
+        if refused is None:
             try:
-                check_device_profile(profile)
+                choice.check()
             except CxrdError as err:
                 refused = err
         if refused is not None:
@@ -327,45 +352,43 @@ class Supervisor(Operations):
         return refused is not None
 
     def _on_start(self, msg: M.StartRequest) -> None:
-        if self._refused(msg.reply, msg.profile):
+        if self._refused(msg.reply, msg.choice):
             return
-        target = self._target_profile()
+        target, target_by = self._target()
+        differs = msg.choice.differences(target.applied(self._config))
+        wanted = msg.choice.over(target)
         if not self._launched and self._op is None:
-            self._enqueue(Operation(Kind.LAUNCH, msg.profile or target))
+            self._enqueue(Operation(Kind.LAUNCH, wanted, by=msg.by if differs else target_by))
         elif (
-            msg.profile
-            and not same_profile(msg.profile, target)
+            differs
             and self._op is not None
             and self._op.kind is Kind.LAUNCH
             and self._op.runtime is None
             and not self._claimed
         ):
-            self._op.profile = msg.profile  # the first start is not prepared yet: retarget it
-        elif msg.profile and not same_profile(msg.profile, target):
+            # The first start is not prepared yet: retarget it.
+            self._op.choice, self._op.by = wanted, msg.by
+        elif differs:
             if self._claimed:
-                answer(
-                    msg.reply,
-                    ProfileMismatch(
-                        f"the runtime runs with device profile {target!r}, not "
-                        f"{msg.profile!r}; restart it to switch"
-                    ),
-                )
+                answer(msg.reply, _mismatch(differs))
                 return
             # Nobody has used this runtime yet (the daemon started it on its own,
-            # e.g. activated by this very call): give it the asked-for profile.
-            log.info("the first client asks for profile %s: restarting into it", msg.profile)
+            # e.g. activated by this very call): give it what is asked for.
+            log.info("the first client asks for %s: restarting into it", describe_mismatch(differs))
             self._claimed = True
-            self._enqueue(Operation(Kind.RESTART, msg.profile, [msg.reply]))
+            self._enqueue(Operation(Kind.RESTART, wanted, [msg.reply], by=msg.by))
             return
         self._claimed = self._claimed or msg.by_client
         self._start_waiters.append(msg.reply)
         self._answer_start_waiters()
 
     def _on_restart(self, msg: M.RestartRequest) -> None:
-        if self._refused(msg.reply, msg.profile):
+        if self._refused(msg.reply, msg.choice):
             return
         self._claimed = True
-        self._enqueue(Operation(Kind.RESTART, msg.profile or self._target_profile(), [msg.reply]))
+        target, target_by = self._target()
+        by = msg.by if not msg.choice.empty else target_by
+        self._enqueue(Operation(Kind.RESTART, msg.choice.over(target), [msg.reply], by=by))
 
     # ---- the end -------------------------------------------------------------
 
@@ -459,6 +482,16 @@ class Supervisor(Operations):
 # While a slow runtime comes up, keep pushing systemd's start timeout this far ahead.
 EXTEND_EVERY = 5.0
 EXTEND_BY = 15.0
+
+
+def _mismatch(differs: list[tuple[str, str, str]]) -> CxrdError:
+    """ProfileMismatch when only the profile differs (what older clients expect)."""
+    text = f"the runtime is in use with other settings: {describe_mismatch(differs)}"
+    if [key for key, _, _ in differs] == ["device_profile"]:
+        return ProfileMismatch(text + "; `cxrctl restart --profile P` switches it")
+    return ConfigMismatch(
+        text + "; `cxrctl restart --env-file FILE` (or --gpu, --profile) switches it"
+    )
 
 
 def _policy(config: Config) -> RestartPolicy:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from cxrd.core.snapshot import Headset, Snapshot
@@ -18,10 +18,11 @@ from cxrd.dbus.client import (
     CALL_TIMEOUT,
     START_TIMEOUT,
     AsyncCloudXRClient,
+    Held,
     LeaseInfo,
 )
 from cxrd.dbus.leasing import environment_applied, release_failure_logged
-from cxrd.errors import NotRunning, Timeout
+from cxrd.errors import Timeout
 
 _BLOCKING_LIMIT = 2 * START_TIMEOUT
 _T = TypeVar("_T")
@@ -106,8 +107,17 @@ class CloudXRClient:
     def get_property(self, name: str) -> Any:
         return self._thread.run(self._client.get_property(name))
 
-    def start(self, *, timeout: float | None = None, device_profile: str | None = None) -> Snapshot:
-        return self._thread.run(self._client.start(timeout=timeout, device_profile=device_profile))
+    def start(
+        self,
+        *,
+        timeout: float | None = None,
+        device_profile: str | None = None,
+        env: Mapping[str, str] | None = None,
+        gpu: int | None = None,
+    ) -> Snapshot:
+        return self._thread.run(
+            self._client.start(timeout=timeout, device_profile=device_profile, env=env, gpu=gpu)
+        )
 
     def start_no_block(self, *, device_profile: str | None = None) -> None:
         async def send() -> None:
@@ -116,10 +126,15 @@ class CloudXRClient:
         self._thread.run(send())
 
     def restart(
-        self, *, timeout: float | None = None, device_profile: str | None = None
+        self,
+        *,
+        timeout: float | None = None,
+        device_profile: str | None = None,
+        env: Mapping[str, str] | None = None,
+        gpu: int | None = None,
     ) -> Snapshot:
         return self._thread.run(
-            self._client.restart(timeout=timeout, device_profile=device_profile)
+            self._client.restart(timeout=timeout, device_profile=device_profile, env=env, gpu=gpu)
         )
 
     def stop(self, *, timeout: float = CALL_TIMEOUT) -> bool:
@@ -146,6 +161,25 @@ class CloudXRClient:
     def release(self, lease_id: str) -> None:
         self._thread.run(self._client.release(lease_id))
 
+    def hold(
+        self,
+        reason: str = "",
+        *,
+        timeout: float | None = None,
+        device_profile: str | None = None,
+        env: Mapping[str, str] | None = None,
+        gpu: int | None = None,
+    ) -> Held:
+        """A lease on a ready runtime, held by the daemon that serves it (the asyncio ``hold``)."""
+        return self._thread.run(
+            self._client.hold(
+                reason, timeout=timeout, device_profile=device_profile, env=env, gpu=gpu
+            )
+        )
+
+    def let_go(self, held: Held) -> None:
+        self._thread.run(self._client.let_go(held))
+
     @contextlib.contextmanager
     def lease(
         self,
@@ -153,20 +187,22 @@ class CloudXRClient:
         *,
         timeout: float | None = None,
         device_profile: str | None = None,
+        env: Mapping[str, str] | None = None,
+        gpu: int | None = None,
         apply_environment: bool = True,
     ) -> Iterator[LeaseInfo]:
-        """Acquire, start, wait until ready, apply the environment; undo on exit."""
-        lease_id = self.acquire(reason)
+        """Hold a ready runtime for the block (see the asyncio client's ``hold``), with
+        its environment in ``os.environ``; undo on exit."""
+        held = self.hold(reason, timeout=timeout, device_profile=device_profile, env=env, gpu=gpu)
+        assert held.snapshot is not None
         try:
-            snap = self.start(timeout=timeout, device_profile=device_profile)
-            with environment_applied(snap.environment if apply_environment else {}):
-                yield LeaseInfo(id=lease_id, snapshot=snap)
+            with environment_applied(held.snapshot.environment if apply_environment else {}):
+                yield LeaseInfo(id=held.id, snapshot=held.snapshot)
         except BaseException:
-            with release_failure_logged(lease_id):
-                self.release(lease_id)
+            with release_failure_logged(held.id):
+                self.let_go(held)
             raise
-        with contextlib.suppress(NotRunning):
-            self.release(lease_id)
+        self.let_go(held)
 
 
 def call_blocking(

@@ -20,6 +20,7 @@ from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from cxrd.constants import DBUS, DBUS_PATH, INTERFACE, OBJECT_PATH, PROPERTIES
+from cxrd.core.choice import Choice
 from cxrd.core.snapshot import Headset, Snapshot
 from cxrd.core.states import State, StateChanged
 from cxrd.dbus import wire
@@ -29,6 +30,7 @@ from cxrd.errors import (
     AccessDenied,
     Busy,
     CxrdError,
+    NoSuchLease,
     NotRunning,
     StartFailed,
     Timeout,
@@ -81,6 +83,15 @@ class HeadsetEvent:
 # The daemon's StateChanged signal, as the client sees it.
 StateEvent = StateChanged
 ClientEvent = StateEvent | PropertiesEvent | OwnerEvent | HeadsetEvent
+
+
+@dataclass(frozen=True)
+class Held:
+    """A lease and the daemon (its unique bus name) that holds it."""
+
+    id: str
+    owner: str
+    snapshot: Snapshot | None  # the runtime once ready; None before
 
 
 @dataclass(frozen=True)
@@ -184,6 +195,31 @@ class AsyncCloudXRClient:
         path: str = OBJECT_PATH,
         interface: str = INTERFACE,
     ) -> list[Any]:
+        reply = await self._call_message(
+            member,
+            signature,
+            body,
+            auto_start=auto_start,
+            timeout=timeout,
+            destination=destination,
+            path=path,
+            interface=interface,
+        )
+        return list(reply.body)
+
+    async def _call_message(
+        self,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        *,
+        auto_start: bool = False,
+        timeout: float = CALL_TIMEOUT,
+        destination: str | None = None,
+        path: str = OBJECT_PATH,
+        interface: str = INTERFACE,
+    ) -> Message:
+        """The reply itself: its sender is the unique name of the daemon that answered."""
         bus = self._connected()
         message = Message(
             destination=destination or self._name,
@@ -212,7 +248,7 @@ class AsyncCloudXRClient:
                     "sets up D-Bus activation (or run `cxrd` yourself)"
                 )
             raise err
-        return list(reply.body)
+        return reply
 
     async def _driver(self, member: str, *args: str) -> list[Any]:
         return await self._call(
@@ -247,31 +283,55 @@ class AsyncCloudXRClient:
         return value.value if isinstance(value, Variant) else value
 
     async def start(
-        self, *, timeout: float | None = None, device_profile: str | None = None
+        self,
+        *,
+        timeout: float | None = None,
+        device_profile: str | None = None,
+        env: Mapping[str, str] | None = None,
+        gpu: int | None = None,
     ) -> Snapshot:
         """Start (activating the daemon if needed); return once ready.
 
+        ``device_profile``, ``env`` (keys of an isaacteleop env file) and
+        ``gpu`` (CUDA index) start the runtime with them while nobody uses it;
+        once in use, asking otherwise raises ProfileMismatch or ConfigMismatch.
         A daemon that is on its way out answers Busy: wait for it to leave the
         bus, then ask once more, which activates a fresh one.
         """
+        choice = Choice(profile=device_profile, env=dict(env or {}), gpu=gpu)
         try:
-            return await self._start("Start", timeout, device_profile)
+            return await self._start("Start", timeout, choice)
         except Busy:
             await self.wait_gone(timeout if timeout is not None else START_TIMEOUT)
-            return await self._start("Start", timeout, device_profile)
+            return await self._start("Start", timeout, choice)
 
     async def restart(
-        self, *, timeout: float | None = None, device_profile: str | None = None
+        self,
+        *,
+        timeout: float | None = None,
+        device_profile: str | None = None,
+        env: Mapping[str, str] | None = None,
+        gpu: int | None = None,
     ) -> Snapshot:
-        return await self._start("Restart", timeout, device_profile)
+        """Stop and start the runtime, switching to the settings given (the rest kept)."""
+        choice = Choice(profile=device_profile, env=dict(env or {}), gpu=gpu)
+        return await self._start("Restart", timeout, choice)
 
     async def _start(
-        self, member: str, timeout: float | None, device_profile: str | None
+        self, member: str, timeout: float | None, choice: Choice, destination: str | None = None
     ) -> Snapshot:
-        options = wire.start_options(timeout, device_profile)
+        options = wire.start_options(timeout, choice)
         limit = START_TIMEOUT if timeout is None else timeout + TIMEOUT_SLACK
-        await self._call(member, "a{sv}", [options], auto_start=True, timeout=limit)
-        return await self.status()
+        await self._call(
+            member,
+            "a{sv}",
+            [options],
+            auto_start=destination is None,
+            timeout=limit,
+            destination=destination,
+        )
+        (data,) = await self._call("Status", destination=destination)
+        return wire.snapshot_from_wire(data)
 
     def start_no_block(self, *, device_profile: str | None = None) -> None:
         """Ask for a start (activating the daemon) without waiting for any answer."""
@@ -281,7 +341,7 @@ class AsyncCloudXRClient:
             interface=INTERFACE,
             member="Start",
             signature="a{sv}",
-            body=[wire.start_options(None, device_profile)],
+            body=[wire.start_options(None, Choice(profile=device_profile))],
             flags=MessageFlag.NO_REPLY_EXPECTED,
         )
         self._connected().send(message)
@@ -297,14 +357,16 @@ class AsyncCloudXRClient:
             await self._wait_owner_gone(owner, events, timeout)
         return True
 
-    async def wait_gone(self, timeout: float) -> None:
-        """Return once nobody owns the bus name."""
+    async def wait_gone(self, timeout: float, owner: str | None = None) -> None:
+        """Return once nobody owns the bus name (``owner`` given: once it no longer does)."""
         async with self.watch() as events:
             try:
-                (owner,) = await self._driver("GetNameOwner", self._name)
+                (now,) = await self._driver("GetNameOwner", self._name)
             except NotRunning:
                 return
-            await self._wait_owner_gone(owner, events, timeout)
+            if owner is not None and now != owner:
+                return
+            await self._wait_owner_gone(now, events, timeout)
 
     async def _wait_owner_gone(
         self, owner: str, events: AsyncIterator[ClientEvent], timeout: float
@@ -395,6 +457,57 @@ class AsyncCloudXRClient:
     async def release(self, lease_id: str) -> None:
         await self._call("Release", "s", [lease_id])
 
+    async def hold(
+        self,
+        reason: str = "",
+        *,
+        timeout: float | None = None,
+        device_profile: str | None = None,
+        env: Mapping[str, str] | None = None,
+        gpu: int | None = None,
+    ) -> Held:
+        """A lease on a ready runtime: Acquire (activating), then Start on that same daemon.
+
+        The Start goes to the unique name that granted the lease, so the lease
+        is always held by the daemon that serves the caller. One on its way
+        out (an idle stop, a Stop) answers Busy or leaves the bus: wait until
+        it has gone and take the lease again on the fresh one. The lease ends
+        with this connection; :meth:`let_go` ends it sooner.
+        """
+        choice = Choice(profile=device_profile, env=dict(env or {}), gpu=gpu)
+        limit = START_TIMEOUT if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit + TIMEOUT_SLACK):
+                while True:
+                    try:
+                        reply = await self._call_message("Acquire", "s", [reason], auto_start=True)
+                    except Busy:
+                        await self.wait_gone(limit)
+                        continue
+                    lease_id, owner = str(reply.body[0]), str(reply.sender)
+                    try:
+                        snap = await self._start("Start", timeout, choice, destination=owner)
+                    except (Busy, NotRunning):
+                        _log.info("cxrd %s is going away; taking the lease on the next one", owner)
+                        await self.let_go(Held(lease_id, owner, None))
+                        await self.wait_gone(limit, owner)
+                        continue
+                    except BaseException:
+                        await self.let_go(Held(lease_id, owner, None))
+                        raise
+                    return Held(lease_id, owner, snap)
+        except TimeoutError:
+            raise Timeout(f"no lease on a ready cxrd within {limit:g} s") from None
+
+    async def let_go(self, held: Held) -> None:
+        """End a lease of :meth:`hold`. A daemon gone meanwhile took the lease with it."""
+        try:
+            await self._call("Release", "s", [held.id], destination=held.owner)
+        except NotRunning:
+            pass
+        except NoSuchLease:
+            _log.warning("lease %s had already ended (cxrd %s)", held.id, held.owner)
+
     @contextlib.asynccontextmanager
     async def lease(
         self,
@@ -402,21 +515,24 @@ class AsyncCloudXRClient:
         *,
         timeout: float | None = None,
         device_profile: str | None = None,
+        env: Mapping[str, str] | None = None,
+        gpu: int | None = None,
         apply_environment: bool = True,
     ) -> AsyncIterator[LeaseInfo]:
-        """Acquire, start, wait until ready, apply the runtime's environment to
+        """Hold a ready runtime (:meth:`hold`) for the block, with its environment in
         ``os.environ``; on exit restore ``os.environ`` and release."""
-        lease_id = await self.acquire(reason)
+        held = await self.hold(
+            reason, timeout=timeout, device_profile=device_profile, env=env, gpu=gpu
+        )
+        assert held.snapshot is not None
         try:
-            snap = await self.start(timeout=timeout, device_profile=device_profile)
-            with environment_applied(snap.environment if apply_environment else {}):
-                yield LeaseInfo(id=lease_id, snapshot=snap)
+            with environment_applied(held.snapshot.environment if apply_environment else {}):
+                yield LeaseInfo(id=held.id, snapshot=held.snapshot)
         except BaseException:
-            with release_failure_logged(lease_id):
-                await self.release(lease_id)
+            with release_failure_logged(held.id):
+                await self.let_go(held)
             raise
-        with contextlib.suppress(NotRunning):
-            await self.release(lease_id)
+        await self.let_go(held)
 
     # signals
 

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any
 
 from dbus_fast import DBusError, Variant
@@ -27,6 +28,7 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from cxrd.constants import ERROR_PREFIX, INTERFACE, INTROSPECTION_XML
+from cxrd.core.choice import Choice
 from cxrd.core.states import StateChanged
 from cxrd.core.supervisor import Event, HeadsetConnected, HeadsetDisconnected, Supervisor
 from cxrd.dbus import wire
@@ -99,6 +101,18 @@ def _translated(member: str) -> Iterator[None]:
         raise DBusError(FAILED, text) from None
 
 
+def _command_of(pid: int) -> str:
+    """``: <its command line>`` where /proc says (the same user's process), else ''."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    words = [w.decode(errors="replace") for w in raw.split(b"\0") if w]
+    text = " ".join(words)
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return f": {text[:120]}" if text else ""
+
+
 # --- the interface --------------------------------------------------------------
 
 
@@ -134,8 +148,8 @@ class Daemon1(ServiceInterface):
     @dbus_method()
     async def Start(self, options: _Options) -> None:
         with _translated("Start"):
-            timeout, profile = wire.parse_start_options(options)
-            await self._sup.start(timeout=timeout, device_profile=profile)
+            timeout, choice = wire.parse_start_options(options)
+            await self._sup.start(timeout=timeout, choice=choice, by=await self._who(choice))
 
     @dbus_method()
     def Stop(self) -> None:
@@ -145,8 +159,19 @@ class Daemon1(ServiceInterface):
     @dbus_method()
     async def Restart(self, options: _Options) -> None:
         with _translated("Restart"):
-            timeout, profile = wire.parse_start_options(options)
-            await self._sup.restart(timeout=timeout, device_profile=profile)
+            timeout, choice = wire.parse_start_options(options)
+            await self._sup.restart(timeout=timeout, choice=choice, by=await self._who(choice))
+
+    async def _who(self, choice: Choice) -> str:
+        """The caller of a Start that chooses settings, for Status()'s requested_by."""
+        if choice.empty:
+            return ""
+        sender = CALLER.get()
+        try:
+            pid = await self._caller_pid(sender)
+        except (LookupError, TimeoutError):
+            return sender
+        return f"{sender} (pid {pid}{_command_of(pid)})"
 
     @dbus_method()
     def Status(self) -> _Options:

@@ -14,6 +14,7 @@ from typing import Any
 
 from dbus_fast import Variant
 
+from cxrd.core.choice import Choice
 from cxrd.core.snapshot import Headset, Lease, ProxyStatus, RuntimeStatus, Snapshot
 from cxrd.core.states import State
 from cxrd.errors import InvalidArgs
@@ -41,7 +42,7 @@ PROPERTY_SIGNATURES: dict[str, str] = {
 }
 
 # Start()/Restart() options: key -> signature.
-START_OPTIONS: dict[str, str] = {"timeout": "d", "device_profile": "s"}
+START_OPTIONS: dict[str, str] = {"timeout": "d", "device_profile": "s", "env": "a{ss}", "gpu": "i"}
 
 _U32_MAX = 2**32 - 1
 
@@ -129,6 +130,9 @@ def snapshot_to_wire(snap: Snapshot) -> dict[str, Variant]:
         "ready_since": Variant("d", float(snap.ready_since)),
         "last_start_seconds": Variant("d", float(snap.last_start_seconds)),
         "headsets": Variant(HEADSETS_SIGNATURE, [headset_to_wire(h) for h in snap.headsets]),
+        "requested": Variant("a{ss}", dict(snap.requested)),
+        "requested_by": Variant("s", snap.requested_by),
+        "env_file_event": Variant("s", snap.env_file_event),
     }
 
 
@@ -192,11 +196,14 @@ def snapshot_from_wire(data: Mapping[str, Any]) -> Snapshot:
         ready_since=_get(data, "ready_since", float, 0.0),
         last_start_seconds=_get(data, "last_start_seconds", float, 0.0),
         headsets=tuple(headset_from_wire(item) for item in _get(data, "headsets", list, [])),
+        requested=dict(_get(data, "requested", dict, {})),
+        requested_by=_get(data, "requested_by", str, ""),
+        env_file_event=_get(data, "env_file_event", str, ""),
     )
 
 
-def parse_start_options(options: Mapping[str, Any]) -> tuple[float | None, str | None]:
-    """Check ``Start``/``Restart`` options; return (timeout, device_profile).
+def parse_start_options(options: Mapping[str, Any]) -> tuple[float | None, Choice]:
+    """Check ``Start``/``Restart`` options; return (timeout, what the runtime should run with).
 
     Unknown keys and wrong variant types are :class:`InvalidArgs` naming
     every offender, so a caller fixes them all at once.
@@ -225,14 +232,22 @@ def parse_start_options(options: Mapping[str, Any]) -> tuple[float | None, str |
         profile = str(options["device_profile"].value)
         if not profile:
             raise InvalidArgs("option 'device_profile' must not be empty")
-    return timeout, profile
+    env = {str(k): str(v) for k, v in options["env"].value.items()} if "env" in options else {}
+    gpu = int(options["gpu"].value) if "gpu" in options else None
+    choice = Choice(profile=profile, env=env, gpu=gpu)
+    choice.check()
+    return timeout, choice
 
 
-def start_options(timeout: float | None, device_profile: str | None) -> dict[str, Variant]:
+def start_options(timeout: float | None, choice: Choice | None = None) -> dict[str, Variant]:
     """The client's side of :func:`parse_start_options`."""
     options: dict[str, Variant] = {}
     if timeout is not None:
         options["timeout"] = Variant("d", float(timeout))
-    if device_profile is not None:
-        options["device_profile"] = Variant("s", device_profile)
+    if choice is not None and choice.profile is not None:
+        options["device_profile"] = Variant("s", choice.profile)
+    if choice is not None and choice.env:
+        options["env"] = Variant("a{ss}", dict(choice.env))
+    if choice is not None and choice.gpu is not None:
+        options["gpu"] = Variant("i", int(choice.gpu))
     return options

@@ -88,9 +88,17 @@ def ensure_dirs(config: Config) -> None:
         ) from None
 
 
+_GPU_KEYS = (C.GPU_CUDA_ENV, C.GPU_VULKAN_ENV)
+
+
 def child_env(environment: Mapping[str, str], extras: Mapping[str, str]) -> dict[str, str]:
-    """The child's whole environment: the daemon's, the runtime's, then backend extras."""
-    return {**os.environ, **environment, **extras}
+    """The child's whole environment: the daemon's, the runtime's, then backend extras.
+
+    The GPU index comes from the settings only (load_config read the daemon's
+    own as runtime.gpu), never from the daemon's environment unseen.
+    """
+    inherited = {k: v for k, v in os.environ.items() if k not in _GPU_KEYS}
+    return {**inherited, **environment, **extras}
 
 
 def build_launch(
