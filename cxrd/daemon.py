@@ -210,13 +210,15 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         log.info("running as PID 1: reaping orphaned processes")
     _accept_eula(config, args)
     launcher = ProcessLauncher(reaper)
+    host = SystemHost()
     supervisor = Supervisor(
         config,
         launcher=launcher,
         notifier=notifier,
         readiness=SystemReadiness(),
-        host=SystemHost(),
+        host=host,
     )
+    host.on_env_event = supervisor.refresh  # Status() shows cloudxr.env's last restore
     background: set[asyncio.Task[Any]] = set()
 
     def spawn(coro: Any) -> None:

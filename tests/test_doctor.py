@@ -22,12 +22,17 @@ from support import free_port
 
 from cxrd import constants as C
 from cxrd.cli.doctor import Check, run_checks
+from cxrd.cli.doctor.bus import BusFacts
+from cxrd.cli.doctor.envfile import check_env_file
 from cxrd.cli.doctor.runtime import find_shared_library
 from cxrd.cli.doctor.systemd import unit_exec_argv
 from cxrd.cli.install import install
 from cxrd.config import Config, ProxyConfig, RuntimeConfig
+from cxrd.core.states import State
+from cxrd.dbus.wire import snapshot_from_wire
 from cxrd.system import eula
 from cxrd.system.addresses import headset_hosts, ipv4_addresses
+from cxrd.system.envfile import write_env_file
 
 
 def make_config(tmp_path: Path, backend: str = "sim", **proxy: object) -> Config:
@@ -287,3 +292,26 @@ def test_a_missing_web_client_warns_with_the_fetch_command(
     config.client_path.mkdir(parents=True)
     (config.client_path / "index.html").write_text("<title>client</title>")
     assert by_name(run_checks(config))["web client"].level == "ok"
+
+
+def test_env_file_on_disk_is_compared_with_the_daemons_environment(tmp_path: Path) -> None:
+    path = tmp_path / "run" / C.ENV_FILE
+    path.parent.mkdir()
+    env = {"NV_DEVICE_PROFILE": "Quest3", "NV_CXR_SERVER_PORT": "49100"}
+    snap = dataclasses.replace(
+        snapshot_from_wire({}), environment=env, env_file=str(path), state=State.READY
+    )
+    assert check_env_file(BusFacts()).level == "ok"  # no daemon: nothing to compare
+    missing = check_env_file(BusFacts(status=snap))
+    assert missing.level == "fail" and "missing" in missing.message and missing.fix
+    write_env_file(path, env)
+    assert check_env_file(BusFacts(status=snap)).level == "ok"
+    write_env_file(path, {**env, "NV_DEVICE_PROFILE": "auto-webrtc", "CXR_X": "1"})
+    differs = check_env_file(BusFacts(status=snap))
+    assert differs.level == "fail"
+    assert "(NV_DEVICE_PROFILE differed; added: CXR_X)" in differs.message
+    write_env_file(path, env)
+    event = "rewritten by another program at 14:02:11, restored"
+    restored = check_env_file(BusFacts(status=dataclasses.replace(snap, env_file_event=event)))
+    assert restored.level == "warn" and event in restored.message
+    assert "CloudXRLauncher" in restored.fix

@@ -209,6 +209,8 @@ def _print_status(
     if snap.signaling_port:
         rows.append(("Ports", f"signaling {snap.signaling_port}/tcp, media {snap.media_port}/udp"))
     rows.append(("Env file", snap.env_file))
+    if snap.env_file_event:  # another program changed it and cxrd put it back
+        rows.append(("", out.paint(snap.env_file_event, "33")))
     rows.append(("Install dir", snap.install_dir))
     rows.append(("Daemon up", _duration(snap.uptime)))
     for lease in snap.leases:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cxrd import constants as C
@@ -20,7 +20,7 @@ from cxrd.proxy.launch import ProxyLaunch, prepare_proxy
 from cxrd.runtimes import RuntimeLaunch, prepare_runtime
 from cxrd.system import logfiles, rundir, siblings
 from cxrd.system.diagnosis import log_section, newest_log
-from cxrd.system.envfile import write_env_file
+from cxrd.system.envguard import EnvGuard
 from cxrd.system.readiness import wait_for_file
 
 
@@ -95,7 +95,19 @@ class SystemReadiness:
 
 
 class SystemHost:
-    """The install dir's files and the backends, as the supervisor's Host port."""
+    """The install dir's files and the backends, as the supervisor's Host port.
+
+    ``on_env_event`` is called when another program changed cloudxr.env and it
+    was put back (the daemon passes ``supervisor.refresh``, so Status shows it).
+    """
+
+    def __init__(self, on_env_event: Callable[[], None] | None = None) -> None:
+        self.on_env_event = on_env_event
+        self._env_guard = EnvGuard(on_event=self._env_event)
+
+    def _env_event(self) -> None:
+        if self.on_env_event is not None:
+            self.on_env_event()
 
     def prepare_runtime(self, config: Config, profile: str) -> RuntimeLaunch:
         siblings.check_ports(config)
@@ -127,15 +139,19 @@ class SystemHost:
         return rundir.remove_stale(run_dir)
 
     def publish_environment(self, run_dir: Path, environment: Mapping[str, str]) -> None:
-        write_env_file(run_dir / C.ENV_FILE, environment)
+        self._env_guard.publish(run_dir / C.ENV_FILE, environment)
 
     def clear_run_files(self, run_dir: Path) -> None:
+        self._env_guard.stop()
         # A live runtime answering there now is not ours (ours is stopped): its files.
         if rundir.live_runtime_pid(run_dir) is not None:
             return
         with contextlib.suppress(FileNotFoundError):
             (run_dir / C.ENV_FILE).unlink()
         rundir.remove_stale(run_dir)
+
+    def env_file_event(self) -> str:
+        return self._env_guard.last_event()
 
     def record_failure(self, run_dir: Path, error: CxrdError) -> None:
         with contextlib.suppress(OSError, CxrdError):

@@ -1,5 +1,8 @@
 """Wait for a file to appear: inotify where the kernel has it, polling only as a fallback.
 
+:class:`Inotify` and :class:`Watch` are shared with ``envguard`` (which watches
+``run/cloudxr.env`` for other programs' writes, with a mask of its own).
+
 The watch is on the file's directory. When the kernel drops events (queue
 overflow) or the watch itself (the directory was removed or moved away), the
 file is looked for again and the watch re-established: on the directory if it
@@ -18,20 +21,25 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_IN_MOVED_TO = 0x00000080
-_IN_CREATE = 0x00000100
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
 _IN_DELETE_SELF = 0x00000400
 _IN_MOVE_SELF = 0x00000800
 _IN_Q_OVERFLOW = 0x00004000  # events were lost; wd is -1
 _IN_IGNORED = 0x00008000  # the watch is gone (its directory removed, or inotify_rm_watch)
 _IN_ONLYDIR = 0x01000000
-_WATCH_MASK = _IN_CREATE | _IN_MOVED_TO | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR
-_LOST = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED
+# What every directory watch needs: to see its directory go, and a child appear (an
+# ancestor watched while the directory is missing sees it come back).
+BASE_MASK = IN_CREATE | IN_MOVED_TO | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR
+LOST = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED
 _EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
 FALLBACK_POLL_INTERVAL = 0.05
 
 
-class _Inotify:
+class Inotify:
     """An inotify instance, readable from the event loop."""
 
     _libc: ctypes.CDLL | None = None
@@ -48,8 +56,8 @@ class _Inotify:
             cls._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         return cls._libc
 
-    def watch(self, directory: Path) -> int:
-        wd: int = self._c.inotify_add_watch(self.fd, os.fsencode(directory), _WATCH_MASK)
+    def watch(self, directory: Path, mask: int = BASE_MASK) -> int:
+        wd: int = self._c.inotify_add_watch(self.fd, os.fsencode(directory), mask)
         if wd < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), str(directory))
@@ -77,14 +85,23 @@ class _Inotify:
         os.close(self.fd)
 
 
-class _Watch:
-    """The watch that can see ``path`` appear: on its directory, or on the nearest ancestor."""
+class Watch:
+    """The watch that can see ``path`` appear: on its directory, or on the nearest ancestor.
 
-    def __init__(self, inotify: _Inotify, path: Path) -> None:
+    ``mask`` adds events to :data:`BASE_MASK` (envguard adds writes and removals).
+    """
+
+    def __init__(self, inotify: Inotify, path: Path, mask: int = 0) -> None:
         self._inotify = inotify
         self._path = path
+        self._mask = BASE_MASK | mask
         self.directory = path.parent
-        self.wd = inotify.watch(self.directory)  # a missing directory is the caller's error
+        self.wd = inotify.watch(self.directory, self._mask)  # a missing one: the caller's error
+
+    @property
+    def on_directory(self) -> bool:
+        """Whether the watch is on the file's own directory (not on an ancestor)."""
+        return self.directory == self._path.parent
 
     def relevant(self, wd: int, mask: int, name: str) -> bool:
         """Whether this event may mean that ``path`` exists now or the watch must move."""
@@ -92,13 +109,13 @@ class _Watch:
             return True
         if wd != self.wd:
             return False  # a watch given up (its IN_IGNORED included)
-        return bool(mask & _LOST) or name == self._path.relative_to(self.directory).parts[0]
+        return bool(mask & LOST) or name == self._path.relative_to(self.directory).parts[0]
 
     def renew(self) -> None:
         """Watch the file's directory again if it is back, else its deepest existing ancestor."""
         for directory in (self._path.parent, *self._path.parent.parents):
             try:
-                wd = self._inotify.watch(directory)
+                wd = self._inotify.watch(directory, self._mask)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             break
@@ -117,14 +134,14 @@ async def wait_for_file(path: Path) -> None:
     A directory missing at the start is an error (FileNotFoundError), not a hang.
     """
     try:
-        inotify = _Inotify()
+        inotify = Inotify()
     except (OSError, AttributeError) as exc:  # AttributeError: a libc without inotify
         log.warning("inotify unavailable (%s); polling for %s", exc, path)
         await _poll(path)
         return
     try:
         try:
-            watch = _Watch(inotify, path)
+            watch = Watch(inotify, path)
         except (FileNotFoundError, NotADirectoryError):
             raise
         except OSError as exc:  # out of watches, say
@@ -136,7 +153,7 @@ async def wait_for_file(path: Path) -> None:
         inotify.close()
 
 
-async def _wait(inotify: _Inotify, watch: _Watch, path: Path) -> None:
+async def _wait(inotify: Inotify, watch: Watch, path: Path) -> None:
     loop = asyncio.get_running_loop()
     woken = asyncio.Event()
 

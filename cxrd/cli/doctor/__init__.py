@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from cxrd.cli.doctor.bus import check_activation, check_session_bus, probe_bus
 from cxrd.cli.doctor.check import Check
+from cxrd.cli.doctor.envfile import check_env_file
 from cxrd.cli.doctor.firewall import check_firewall
 from cxrd.cli.doctor.gpus import check_gpus
 from cxrd.cli.doctor.network import check_certificate, check_port, check_web_client
@@ -51,6 +52,7 @@ def run_checks(config: Config) -> list[Check]:
         lambda: check_certificate(config),
         lambda: check_web_client(config),
         lambda: check_run_dir(config),
+        lambda: check_env_file(bus),
         check_lingering,
     ]
     results = []

@@ -11,7 +11,9 @@ from dbus_fast import Message, MessageFlag, MessageType
 
 from cxrd import constants as C
 from cxrd.cli.doctor.check import TIMEOUT, Check
+from cxrd.core.snapshot import Snapshot
 from cxrd.dbus.connection import CONNECT_ERRORS, connect, session_bus_address
+from cxrd.dbus.wire import snapshot_from_wire
 from cxrd.instances import from_bus_name
 
 
@@ -25,6 +27,7 @@ class BusFacts:
     activatable: bool = False
     daemon_pid: int = 0  # 0: the bus name has no owner
     child_pids: set[int] = field(default_factory=set)  # RuntimePid, ProxyPid
+    status: Snapshot | None = None  # the daemon's Status(), when it is on the bus
 
 
 def probe_bus(bus_name: str = C.BUS_NAME) -> BusFacts:
@@ -90,6 +93,9 @@ async def _ask_bus(address: str, bus_name: str) -> BusFacts:
                     )
                     if value:
                         facts.child_pids.add(int(value[0].value))  # type: ignore[attr-defined]
+                status = await call(bus_name, C.OBJECT_PATH, C.INTERFACE, "Status")
+                if status:
+                    facts.status = snapshot_from_wire(status[0])  # type: ignore[arg-type]
     except TimeoutError:
         facts.error = "the bus did not answer in time"
     finally:
