@@ -75,6 +75,42 @@ install_venv() {
 
 install_venv .venv
 echo "setup: ready (.venv/bin/cxrd, .venv/bin/cxrctl)"
+
+# Isaac Lab's own CloudXR code for tests/test_isaaclab.py, fetched once into
+# .cache/ (git-ignored; never fetched at test time): isaaclab_teleop/ out of the
+# Isaac Lab 3.0.0 wheel (a zip; the test imports it by path), and isaacteleop
+# 1.4.145 and 1.5.175 each in a --target dir of its own (its other imports,
+# numpy, PyYAML, websockets, cryptography, are in .venv already). Each entry is
+# built in a temporary dir and renamed into place, so a present one is whole.
+cache=.cache
+fetch_isaaclab() {
+    local dest=$cache/isaaclab-3.0.0 tmp
+    [[ -d $dest/isaaclab_teleop ]] && return
+    echo "setup: fetching Isaac Lab 3.0.0 (isaaclab_teleop) into $dest"
+    tmp=$(mktemp -d "$cache/.tmp.XXXXXX")
+    .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps \
+        --python-version 3.12 --only-binary=:all: -d "$tmp/wheel" isaaclab==3.0.0
+    .venv/bin/python - "$tmp"/wheel/isaaclab-3.0.0-*.whl "$tmp/out" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as whl:
+    whl.extractall(sys.argv[2], [n for n in whl.namelist() if n.startswith("isaaclab_teleop/")])
+PY
+    mv "$tmp/out" "$dest" && rm -rf "$tmp"
+}
+fetch_isaacteleop() {
+    local dest=$cache/isaacteleop-$1 tmp
+    [[ -d $dest/isaacteleop ]] && return
+    echo "setup: fetching isaacteleop $1 into $dest"
+    tmp=$(mktemp -d "$cache/.tmp.XXXXXX")
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+        --no-compile --target "$tmp/out" "isaacteleop==$1"
+    mv "$tmp/out" "$dest" && rm -rf "$tmp"
+}
+mkdir -p "$cache"
+fetch_isaaclab
+fetch_isaacteleop 1.4.145
+fetch_isaacteleop 1.5.175
+
 if [[ ${1:-} == --floors ]]; then
     mkdir -p .venv-floors
     .venv/bin/python scripts/floors.py --extra cloudxr >.venv-floors/constraints.txt
