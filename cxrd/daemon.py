@@ -169,6 +169,7 @@ def read_config(args: argparse.Namespace) -> Config:
         instance=args.instance,
         env_file=args.env_file,
         overrides=overrides_from(args),
+        environ=os.environ,
     )
 
 

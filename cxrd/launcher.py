@@ -167,8 +167,10 @@ class CloudXRLauncher:
                 gpu=choice.gpu,
             )  # fmt: skip
         except (ProfileMismatch, ConfigMismatch) as err:
-            # isaacteleop attaches to a live runtime whatever its env file says; so do we, aloud.
-            logger.warning("%s; attaching to the running runtime as it is", err)
+            # isaacteleop attaches to a live runtime whatever its env file says; so do we,
+            # aloud: one line per key below, or this one without an env file.
+            if env_config is None:
+                logger.warning("%s; attaching to the running runtime as it is", err)
             held = client.hold(reason, timeout=timeout)
         self._lease = held
         assert held.snapshot is not None
@@ -229,12 +231,13 @@ class CloudXRLauncher:
             ):
                 continue
             logger.warning(
-                "%s: %s=%s is ignored: the running runtime has %s; put it in cxrd.toml "
-                "([runtime] env) and `cxrctl restart`",
+                "%s: %s=%s is not applied: the runtime in use has %s; "
+                "`cxrctl restart --env-file %s` switches it",
                 path,
                 key,
                 value,
                 "(not set)" if have is None else have,
+                path,
             )
 
     # what isaacteleop's launcher exposes

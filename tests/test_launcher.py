@@ -99,9 +99,44 @@ def test_run_embedded_is_refused_beside_a_running_runtime(
         CloudXRLauncher(run_embedded=True, bus_address=ready_daemon.address)
 
 
+def _in_use(daemon: BusDaemon) -> int:
+    """A client's Start has been answered: the runtime's settings are claimed. Its pid."""
+    with CloudXRClient(daemon.address) as client:
+        return client.start(timeout=TIMEOUT).runtime.pid
+
+
+def test_a_profile_and_env_file_are_given_to_a_runtime_nobody_uses_yet(
+    bus_daemon: BusDaemon, clean_environ: None, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    bus_daemon.enable_activation()  # the launcher's own call activates cxrd
+    profile = tmp_path / "cloudxrjs-cloudxr.env"
+    profile.write_text("NV_DEVICE_PROFILE=auto-webrtc\nNV_CXR_ENABLE_PUSH_DEVICES=0\n")
+    with (
+        caplog.at_level(logging.WARNING, logger="cxrd.launcher"),
+        CloudXRLauncher(
+            install_dir=str(bus_daemon.denv.install_dir),
+            env_config=profile,
+            bus_address=bus_daemon.address,
+            timeout=TIMEOUT,
+        ) as launcher,
+    ):
+        launcher.health_check()
+        assert os.environ["NV_DEVICE_PROFILE"] == "auto-webrtc"
+        assert os.environ["NV_CXR_ENABLE_PUSH_DEVICES"] == "0"
+        with CloudXRClient(bus_daemon.address) as client:
+            snap = client.status()
+        assert [lease.reason for lease in snap.leases] == [f"CloudXRLauncher (pid {os.getpid()})"]
+        assert snap.requested == {
+            "device_profile": "auto-webrtc",
+            "NV_CXR_ENABLE_PUSH_DEVICES": "0",
+        }
+    assert caplog.records == [], "nothing to warn about: the runtime runs as asked"
+
+
 def test_another_profile_attaches_with_a_warning(
     ready_daemon: BusDaemon, clean_environ: None, caplog: pytest.LogCaptureFixture
 ) -> None:
+    _in_use(ready_daemon)
     with (
         caplog.at_level(logging.WARNING, logger="cxrd.launcher"),
         CloudXRLauncher(device_profile="AppleVisionPro", bus_address=ready_daemon.address),
@@ -116,6 +151,7 @@ def test_env_config_differences_are_reported_one_line_per_key_and_attach(
     # Isaac Lab's quest3 profile, lower-case as it ships, with push devices off.
     profile = tmp_path / "quest3.env"
     profile.write_text("NV_DEVICE_PROFILE=quest3\nNV_CXR_ENABLE_PUSH_DEVICES=0\nMY_KEY=x\n")
+    pid = _in_use(ready_daemon)
     with (
         caplog.at_level(logging.WARNING, logger="cxrd.launcher"),
         CloudXRLauncher(
@@ -126,12 +162,13 @@ def test_env_config_differences_are_reported_one_line_per_key_and_attach(
     ):
         launcher.health_check()
         assert os.environ["NV_DEVICE_PROFILE"] == "Quest3"
+        assert launcher._status().runtime.pid == pid, "a runtime in use is left as it is"
     lines = [r.getMessage() for r in caplog.records]
+    switch = f"`cxrctl restart --env-file {profile}` switches it"
     assert lines == [
-        f"{profile}: MY_KEY=x is ignored: the running runtime has (not set); "
-        "put it in cxrd.toml ([runtime] env) and `cxrctl restart`",
-        f"{profile}: NV_CXR_ENABLE_PUSH_DEVICES=0 is ignored: the running runtime has true; "
-        "put it in cxrd.toml ([runtime] env) and `cxrctl restart`",
+        f"{profile}: MY_KEY=x is not applied: the runtime in use has (not set); {switch}",
+        f"{profile}: NV_CXR_ENABLE_PUSH_DEVICES=0 is not applied: the runtime in use has true; "
+        f"{switch}",
     ], "quest3 is the running Quest3: no line for it, and no profile mismatch"
 
 
