@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from cxrd.config import parse_listen
+from cxrd.constants import STAND_ASIDE
 from cxrd.daemon import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,6 +111,7 @@ def test_compose_builds_the_containerfile_and_the_app_waits_for_health() -> None
     assert cxrd["healthcheck"]["test"][-1] == f"http://127.0.0.1:{health_port(command)}/readyz"
     assert app["depends_on"] == {"cxrd": {"condition": "service_healthy"}}
     assert f". {volume}/run/cloudxr.env && exec" in app["entrypoint"][2]
+    assert app["environment"] == dict(STAND_ASIDE), "Isaac Lab stands aside for cxrd"
     assert "CXRD_ACCEPT_EULA" in cxrd["environment"]
 
 
@@ -166,6 +168,7 @@ def test_deployment_probes_gpu_endpoint_ip_and_shared_install_dir() -> None:
     for container in (cxrd, app):
         assert container["volumeMounts"] == [{"name": volume["name"], "mountPath": cf_volume}]
     assert f". {cf_volume}/run/cloudxr.env" in " ".join(app["command"])
+    assert {e["name"]: e["value"] for e in app["env"]} == dict(STAND_ASIDE)
     assert spec["securityContext"]["runAsUser"] == 1000
     service = load(KUBE / "service.yaml")
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
