@@ -4,6 +4,7 @@ The daemon, the client, the CLI, the unit files and the tests all read these;
 nothing else spells a bus name, an object path or a file name of the run dir.
 """
 
+from collections.abc import Mapping
 from typing import Final
 
 # D-Bus wire names (DESIGN §5).
@@ -75,4 +76,13 @@ DEFAULT_RUNTIME_ENV: Final = {
     "NV_CXR_ENABLE_PUSH_DEVICES": "true",
     "NV_CXR_ENABLE_TENSOR_DATA": "true",
     "NV_CXR_FILE_LOGGING": "true",
+}
+
+# What `cxrctl run` adds to COMMAND's environment so that launchers which would
+# start a CloudXR runtime of their own use cxrd's instead; docs and the
+# container examples point here. Each entry says where it comes from.
+STAND_ASIDE: Final[Mapping[str, str]] = {
+    # Isaac Lab 3.0, isaaclab_teleop/session_lifecycle.py: skips its own
+    # CloudXRLauncher when this is exactly "1".
+    "ISAACLAB_CXR_SKIP_AUTOLAUNCH": "1",
 }

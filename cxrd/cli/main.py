@@ -20,8 +20,15 @@ from cxrd import __version__
 from cxrd.cli.assets import cmd_cert, cmd_client
 from cxrd.cli.common import Out
 from cxrd.cli.instances import cmd_instances
-from cxrd.cli.lifecycle import cmd_restart, cmd_start, cmd_stop, cmd_wait
+from cxrd.cli.lifecycle import (
+    add_choice_arguments,
+    cmd_restart,
+    cmd_start,
+    cmd_stop,
+    cmd_wait,
+)
 from cxrd.cli.logs import cmd_logs
+from cxrd.cli.run import EXIT_CXRD, cmd_run
 from cxrd.cli.setup_commands import cmd_accept_eula, cmd_doctor, cmd_install, cmd_uninstall
 from cxrd.cli.status import cmd_env, cmd_status
 from cxrd.cli.urls import cmd_url
@@ -100,14 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("start", cmd_start, "start the runtime (activating the daemon) and wait until ready")
     p.add_argument("--no-block", action="store_true", help="ask for a start and return at once")
     p.add_argument("--timeout", type=_positive, help="seconds to wait (the start goes on after)")
-    p.add_argument("--profile", help="device profile (NV_DEVICE_PROFILE) the runtime must have")
+    add_choice_arguments(p)
 
     p = add("stop", cmd_stop, "stop the runtime, the proxy and the daemon")
     p.add_argument("--timeout", type=_positive, default=60.0, help="seconds to wait for the exit")
 
     p = add("restart", cmd_restart, "stop and start the runtime and the proxy")
     p.add_argument("--timeout", type=_positive, help="seconds to wait for ready")
-    p.add_argument("--profile", help="device profile for the new runtime")
+    add_choice_arguments(p)
 
     p = add("wait", cmd_wait, "wait until the runtime is ready, without starting it")
     p.add_argument(
@@ -115,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--headset", action="store_true", help="wait until a headset is connected (3 on timeout)"
+    )
+
+    p = add("run", cmd_run, "run COMMAND on the runtime, leased for its life, with its environment")
+    p.set_defaults(error_exit=EXIT_CXRD)  # a CxrdError: 125, as env(1) exits for its own
+    add_choice_arguments(p)
+    p.add_argument(
+        "--timeout",
+        type=_positive,
+        help="seconds to wait for ready (default runtime.startup_timeout)",
+    )
+    p.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND [ARGS...]",
+        help="exits with COMMAND's status; 125 cxrd's error, 126 not runnable, 127 not found",
     )
 
     p = add("url", cmd_url, "print the URLs to open on a headset (certificate page, web client)")
@@ -168,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except CxrdError as err:
-        return _report_error(err)
+        code = _report_error(err)
+        return int(getattr(args, "error_exit", code))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
