@@ -33,10 +33,10 @@ from cxrd.cli.common import Out, config_from_args, instance_from_args
 from cxrd.cli.lifecycle import requested_choice
 from cxrd.cli.status import fetch_health, readyz_url
 from cxrd.client import AsyncCloudXRClient
-from cxrd.config import Config, same_profile
-from cxrd.core.choice import Choice, describe_mismatch
+from cxrd.config import Config
+from cxrd.core.choice import Choice, mismatch_error
 from cxrd.dbus.connection import session_bus_address
-from cxrd.errors import ConfigMismatch, CxrdError, InvalidConfig, NotRunning, ProfileMismatch
+from cxrd.errors import CxrdError, InvalidConfig, NotRunning
 from cxrd.errors import Timeout as TimedOut
 from cxrd.system.envfile import read_env_file
 from cxrd.system.readiness import wait_for_file
@@ -196,18 +196,9 @@ async def _health_says(config: Config) -> str:
 
 def _refuse_other(choice: Choice, env: Mapping[str, str], run_dir: Path) -> None:
     """Without a lease nothing restarts: a request the runtime does not match is refused."""
-    found = []
-    profile = env.get(C.DEVICE_PROFILE_ENV, "")
-    if choice.profile is not None and not same_profile(choice.profile, profile):
-        found.append(("device_profile", profile, choice.profile))
-    if choice.gpu is not None and env.get(C.GPU_CUDA_ENV) != str(choice.gpu):
-        found.append(("gpu", env.get(C.GPU_CUDA_ENV, "(unset)"), str(choice.gpu)))
-    for key, value in sorted(choice.env.items()):
-        if env.get(key) != value:
-            found.append((key, env.get(key, "(unset)"), value))
+    found = choice.differences_in(env)
     if found:
-        cls = ProfileMismatch if [k for k, _, _ in found] == ["device_profile"] else ConfigMismatch
-        raise cls(f"the runtime serving {run_dir} runs otherwise: {describe_mismatch(found)}")
+        raise mismatch_error(found, f"the runtime serving {run_dir} runs otherwise")
 
 
 class _SignalFd:
@@ -216,7 +207,10 @@ class _SignalFd:
     Before COMMAND exists a signal ends cxrctl (128+N, the lease let go);
     then it goes to COMMAND, except one the kernel sent for the terminal while
     COMMAND shares our process group: the terminal sent it there too (sudo
-    skips the same), so ^C arrives once.
+    skips the same), so ^C arrives once. Hand-written over ctypes because
+    asyncio's ``add_signal_handler`` hides ``si_code`` (the kernel's mark of a
+    terminal's signal) and the stdlib's ``sigwaitinfo`` would need a thread
+    blocked in it for COMMAND's whole life.
     """
 
     def __init__(self, signos: tuple[int, ...]) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from cxrd import constants as C
 from cxrd.config import Config, check_device_profile, same_profile
-from cxrd.errors import InvalidArgs
+from cxrd.errors import ConfigMismatch, CxrdError, InvalidArgs, ProfileMismatch
 from cxrd.system.envfile import ENV_NAME, check_env_value
 
 # Keys a request's env may not hold, and what to do instead.
@@ -109,14 +109,23 @@ class Choice:
     def differences(self, running: Config) -> list[tuple[str, str, str]]:
         """(key, running value, requested value) for each key this asks otherwise."""
         rt = running.runtime
+        env = {**C.DEFAULT_RUNTIME_ENV, **rt.env, C.DEVICE_PROFILE_ENV: rt.device_profile}
+        if rt.gpu is not None:
+            env[C.GPU_CUDA_ENV] = str(rt.gpu)
+        return self.differences_in(env)
+
+    def differences_in(self, env: Mapping[str, str]) -> list[tuple[str, str, str]]:
+        """As :meth:`differences`, against a runtime's environment (its cloudxr.env)."""
         found: list[tuple[str, str, str]] = []
-        if self.profile is not None and not same_profile(self.profile, rt.device_profile):
-            found.append(("device_profile", rt.device_profile, self.profile))
-        if self.gpu is not None and self.gpu != rt.gpu:
-            found.append(("gpu", _shown(rt.gpu), str(self.gpu)))
+        profile = env.get(C.DEVICE_PROFILE_ENV)
+        if self.profile is not None and not same_profile(self.profile, profile or ""):
+            found.append(("device_profile", _shown(profile), self.profile))
+        gpu = env.get(C.GPU_CUDA_ENV)
+        if self.gpu is not None and gpu != str(self.gpu):
+            found.append(("gpu", _shown(gpu), str(self.gpu)))
         for key in sorted(self.env):
-            if rt.env.get(key) != self.env[key]:
-                found.append((key, _shown(rt.env.get(key)), self.env[key]))
+            if env.get(key) != self.env[key]:
+                found.append((key, _shown(env.get(key)), self.env[key]))
         return found
 
     def keeping(self, old: Config, new: Config) -> Choice:
@@ -148,5 +157,16 @@ def _shown(value: object) -> str:
 
 
 def describe_mismatch(found: list[tuple[str, str, str]]) -> str:
-    """Every differing key with both values, for ProfileMismatch/ConfigMismatch."""
+    """Every differing key with both values."""
     return "; ".join(f"{key}: running {have!r}, requested {want!r}" for key, have, want in found)
+
+
+def mismatch_error(found: list[tuple[str, str, str]], what: str) -> CxrdError:
+    """ProfileMismatch when only the profile differs (what older clients expect), else
+    ConfigMismatch; ``what`` says which runtime, the differences and the way out follow."""
+    text = f"{what}: {describe_mismatch(found)}"
+    if [key for key, _, _ in found] == ["device_profile"]:
+        return ProfileMismatch(f"{text}; `cxrctl restart --profile P` switches it")
+    return ConfigMismatch(
+        f"{text}; `cxrctl restart --env-file FILE` (or --gpu, --profile) switches it"
+    )

@@ -26,7 +26,7 @@ from cxrd import constants as C
 from cxrd.config import Config
 from cxrd.core import commands as M
 from cxrd.core.children import Child
-from cxrd.core.choice import Choice, describe_mismatch
+from cxrd.core.choice import Choice, describe_mismatch, mismatch_error
 from cxrd.core.commands import Kind, Operation
 from cxrd.core.operations import Operations, answer
 from cxrd.core.policy import RestartPolicy
@@ -42,10 +42,8 @@ from cxrd.core.states import (
 )
 from cxrd.errors import (
     Busy,
-    ConfigMismatch,
     CxrdError,
     NoSuchLease,
-    ProfileMismatch,
     StartFailed,
     Timeout,
 )
@@ -370,7 +368,8 @@ class Supervisor(Operations):
             self._op.choice, self._op.by = wanted, msg.by
         elif differs:
             if self._claimed:
-                answer(msg.reply, _mismatch(differs))
+                what = "the runtime is in use with other settings"
+                answer(msg.reply, mismatch_error(differs, what))
                 return
             # Nobody has used this runtime yet (the daemon started it on its own,
             # e.g. activated by this very call): give it what is asked for.
@@ -482,16 +481,6 @@ class Supervisor(Operations):
 # While a slow runtime comes up, keep pushing systemd's start timeout this far ahead.
 EXTEND_EVERY = 5.0
 EXTEND_BY = 15.0
-
-
-def _mismatch(differs: list[tuple[str, str, str]]) -> CxrdError:
-    """ProfileMismatch when only the profile differs (what older clients expect)."""
-    text = f"the runtime is in use with other settings: {describe_mismatch(differs)}"
-    if [key for key, _, _ in differs] == ["device_profile"]:
-        return ProfileMismatch(text + "; `cxrctl restart --profile P` switches it")
-    return ConfigMismatch(
-        text + "; `cxrctl restart --env-file FILE` (or --gpu, --profile) switches it"
-    )
 
 
 def _policy(config: Config) -> RestartPolicy:
