@@ -149,3 +149,12 @@ def test_a_reload_keeps_the_clients_choice_unless_the_file_changes_that_key(h: H
     assert env["NV_ENABLE_POSE_WAIT"] == "1", "the file changed this key: the file wins"
     assert env["NV_CXR_ENABLE_PUSH_DEVICES"] == "0" and env["NV_DEVICE_PROFILE"] == "auto-webrtc"
     assert h.sup.snapshot().gpu == 1
+
+
+def test_asking_for_what_the_runtime_has_by_default_matches(h: Harness) -> None:
+    h.bring_up()
+    h.call(lambda: h.sup.start()).result()  # in use, as configured
+    pid = h.sup.snapshot().runtime.pid
+    default = Choice(env={"NV_CXR_ENABLE_PUSH_DEVICES": "true"}, profile="quest3")
+    assert h.call(lambda: h.sup.start(choice=default)).result() is None
+    assert h.sup.snapshot().runtime.pid == pid
