@@ -272,6 +272,17 @@ def test_env_file_and_gpu_reach_the_runtime(
     }
     assert {k: runtime.get(k) for k in wanted} == wanted
     assert {k: child.env().get(k) for k in wanted} == wanted
+    shown = subprocess.run(
+        [sys.executable, "-m", "cxrd.cli", "status"],
+        env=bus_daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    ).stdout
+    requested = next(line for line in shown.splitlines() if "Requested:" in line)
+    assert "device_profile=auto-webrtc, gpu=1, NV_CXR_ENABLE_PUSH_DEVICES=0" in requested
+    assert "cxrctl run" in requested or "cxrd.cli run" in requested, requested
+    assert snap.requested_by.startswith(":"), "the unique name of the Start's caller"
     assert child.finish(proc) == (0, "")
 
 

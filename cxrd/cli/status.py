@@ -206,6 +206,9 @@ def _print_status(
         rows.extend(_headset_rows(snap))
     rows.append(("Profile", snap.device_profile))
     rows.append(("GPU", gpu_text(snap.gpu)))
+    if snap.requested:  # what a client's Start chose over the config
+        chosen = ", ".join(f"{key}={value}" for key, value in snap.requested.items())
+        rows.append(("Requested", f"{chosen} by {snap.requested_by or '?'}"))
     if snap.signaling_port:
         rows.append(("Ports", f"signaling {snap.signaling_port}/tcp, media {snap.media_port}/udp"))
     rows.append(("Env file", snap.env_file))
