@@ -183,29 +183,9 @@ class AsyncCloudXRClient:
 
     # calls
 
-    async def _call(
-        self,
-        member: str,
-        signature: str = "",
-        body: Sequence[Any] = (),
-        *,
-        auto_start: bool = False,
-        timeout: float = CALL_TIMEOUT,
-        destination: str | None = None,
-        path: str = OBJECT_PATH,
-        interface: str = INTERFACE,
-    ) -> list[Any]:
-        reply = await self._call_message(
-            member,
-            signature,
-            body,
-            auto_start=auto_start,
-            timeout=timeout,
-            destination=destination,
-            path=path,
-            interface=interface,
-        )
-        return list(reply.body)
+    async def _call(self, member: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """The reply's body; arguments as :meth:`_call_message`."""
+        return list((await self._call_message(member, *args, **kwargs)).body)
 
     async def _call_message(
         self,
