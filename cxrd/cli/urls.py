@@ -7,10 +7,7 @@ import dataclasses
 import json
 import sys
 
-import segno
-
 from cxrd.cli.common import Out, config_from_args
-from cxrd.system.addresses import headset_urls
 
 # Product tokens of the browsers headsets use, most specific first.
 _AGENTS = (
@@ -26,6 +23,12 @@ _AGENTS = (
 
 
 def cmd_url(args: argparse.Namespace) -> int:
+    # Imported here: segno and psutil cost every other cxrctl command ~50 ms at start
+    # (bench/run_overhead.py --profile).
+    import segno
+
+    from cxrd.system.addresses import headset_urls
+
     config = config_from_args(args)
     urls = headset_urls(config.proxy.host, config.proxy.port)
     out = Out(sys.stdout)
