@@ -1,8 +1,9 @@
 """Talk to cxrd over the session bus: an asyncio client and a blocking one.
 
 The public import path (``from cxrd.client import CloudXRClient``); the code
-lives in :mod:`cxrd.dbus.client` (asyncio) and :mod:`cxrd.dbus.blocking`
-(blocking, safe from any thread, including one running an asyncio loop).
+lives in :mod:`cxrd.dbus.client` (asyncio; its events in :mod:`cxrd.dbus.events`)
+and :mod:`cxrd.dbus.blocking` (blocking, safe from any thread, including one
+running an asyncio loop).
 """
 
 from cxrd.core.snapshot import Headset
@@ -10,15 +11,13 @@ from cxrd.dbus.blocking import CloudXRClient, call_blocking
 from cxrd.dbus.client import CALL_TIMEOUT as CALL_TIMEOUT
 from cxrd.dbus.client import START_TIMEOUT as START_TIMEOUT
 from cxrd.dbus.client import TIMEOUT_SLACK as TIMEOUT_SLACK
-from cxrd.dbus.client import (
-    AsyncCloudXRClient,
+from cxrd.dbus.client import AsyncCloudXRClient, LeaseInfo, error_from_reply
+from cxrd.dbus.events import (
     ClientEvent,
     HeadsetEvent,
-    LeaseInfo,
     OwnerEvent,
     PropertiesEvent,
     StateEvent,
-    error_from_reply,
 )
 
 # The timeouts, imported `as` themselves, stay public too, outside __all__ as before.

@@ -22,9 +22,16 @@ from dbus_fast.aio import MessageBus
 from cxrd.constants import DBUS, DBUS_PATH, INTERFACE, OBJECT_PATH, PROPERTIES
 from cxrd.core.choice import Choice
 from cxrd.core.snapshot import Headset, Snapshot
-from cxrd.core.states import State, StateChanged
+from cxrd.core.states import State
 from cxrd.dbus import wire
 from cxrd.dbus.connection import CONNECT_ERRORS, connect, require_session_bus
+from cxrd.dbus.events import (
+    ClientEvent,
+    OwnerEvent,
+    PropertiesEvent,
+    StateEvent,
+    event_from_signal,
+)
 from cxrd.dbus.leasing import environment_applied, release_failure_logged
 from cxrd.errors import (
     AccessDenied,
@@ -49,40 +56,6 @@ _NOT_RUNNING = {
 }
 
 _log = logging.getLogger(__name__)
-
-
-# --- what the watchers see ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PropertiesEvent:
-    """``PropertiesChanged``: property name -> new value (plain Python)."""
-
-    changed: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class OwnerEvent:
-    """The bus name got an owner (``owner`` a unique name) or lost it (``owner`` empty)."""
-
-    owner: str
-
-
-@dataclass(frozen=True)
-class HeadsetEvent:
-    """``HeadsetConnected`` (``connected``) or ``HeadsetDisconnected`` (seconds, close code)."""
-
-    connected: bool
-    id: str
-    address: str
-    user_agent: str = ""
-    seconds: float = 0.0
-    close_code: int = 0
-
-
-# The daemon's StateChanged signal, as the client sees it.
-StateEvent = StateChanged
-ClientEvent = StateEvent | PropertiesEvent | OwnerEvent | HeadsetEvent
 
 
 @dataclass(frozen=True)
@@ -550,28 +523,7 @@ class AsyncCloudXRClient:
     def _on_message(self, msg: Message) -> None:
         if msg.message_type is not MessageType.SIGNAL or not self._watchers:
             return
-        event: ClientEvent | None = None
-        if msg.member == "NameOwnerChanged" and msg.interface == DBUS and msg.sender == DBUS:
-            if msg.body and msg.body[0] == self._name:
-                event = OwnerEvent(owner=str(msg.body[2]))
-        elif msg.path == OBJECT_PATH:
-            if msg.interface == INTERFACE and msg.member == "StateChanged":
-                new, old, reason = msg.body
-                event = StateEvent(
-                    new=wire.state_from_wire(new), old=wire.state_from_wire(old), reason=reason
-                )
-            elif msg.interface == INTERFACE and msg.member == "HeadsetConnected":
-                event = HeadsetEvent(True, *msg.body)
-            elif msg.interface == INTERFACE and msg.member == "HeadsetDisconnected":
-                hid, address, seconds, code = msg.body
-                event = HeadsetEvent(False, hid, address, seconds=seconds, close_code=code)
-            elif (
-                msg.interface == PROPERTIES
-                and msg.member == "PropertiesChanged"
-                and msg.body[0] == INTERFACE
-            ):
-                changed = {k: v.value for k, v in msg.body[1].items()}
-                event = PropertiesEvent(changed=changed)
+        event = event_from_signal(msg, self._name)
         if event is not None:
             for queue in self._watchers:
                 queue.put_nowait(event)
