@@ -11,7 +11,8 @@ from cxrd.dbus.blocking import CloudXRClient, call_blocking
 from cxrd.dbus.client import CALL_TIMEOUT as CALL_TIMEOUT
 from cxrd.dbus.client import START_TIMEOUT as START_TIMEOUT
 from cxrd.dbus.client import TIMEOUT_SLACK as TIMEOUT_SLACK
-from cxrd.dbus.client import AsyncCloudXRClient, LeaseInfo, error_from_reply
+from cxrd.dbus.client import AsyncCloudXRClient
+from cxrd.dbus.connection import error_from_reply
 from cxrd.dbus.events import (
     ClientEvent,
     HeadsetEvent,
@@ -19,6 +20,7 @@ from cxrd.dbus.events import (
     PropertiesEvent,
     StateEvent,
 )
+from cxrd.dbus.leasing import LeaseInfo
 
 # The timeouts, imported `as` themselves, stay public too, outside __all__ as before.
 __all__ = [

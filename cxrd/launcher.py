@@ -36,7 +36,7 @@ from cxrd.config import load_config, parse_env_file, same_profile
 from cxrd.core.choice import Choice
 from cxrd.core.snapshot import Snapshot
 from cxrd.core.states import State
-from cxrd.dbus.client import Held
+from cxrd.dbus.leasing import Held
 from cxrd.errors import ConfigMismatch, CxrdError, NotRunning, ProfileMismatch
 from cxrd.instances import Instance
 

@@ -18,10 +18,8 @@ from cxrd.dbus.client import (
     CALL_TIMEOUT,
     START_TIMEOUT,
     AsyncCloudXRClient,
-    Held,
-    LeaseInfo,
 )
-from cxrd.dbus.leasing import environment_applied, release_failure_logged
+from cxrd.dbus.leasing import Held, LeaseInfo, environment_applied, release_failure_logged
 from cxrd.errors import Timeout
 
 _BLOCKING_LIMIT = 2 * START_TIMEOUT

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
@@ -24,7 +23,12 @@ from cxrd.core.choice import Choice
 from cxrd.core.snapshot import Headset, Snapshot
 from cxrd.core.states import State
 from cxrd.dbus import wire
-from cxrd.dbus.connection import CONNECT_ERRORS, connect, require_session_bus
+from cxrd.dbus.connection import (
+    CONNECT_ERRORS,
+    connect,
+    error_from_reply,
+    require_session_bus,
+)
 from cxrd.dbus.events import (
     ClientEvent,
     OwnerEvent,
@@ -32,16 +36,14 @@ from cxrd.dbus.events import (
     StateEvent,
     event_from_signal,
 )
-from cxrd.dbus.leasing import environment_applied, release_failure_logged
+from cxrd.dbus.leasing import Held, LeaseInfo, environment_applied, release_failure_logged
 from cxrd.errors import (
-    AccessDenied,
     Busy,
     CxrdError,
     NoSuchLease,
     NotRunning,
     StartFailed,
     Timeout,
-    error_for_dbus_name,
 )
 from cxrd.instances import Instance, from_bus_name
 
@@ -49,50 +51,7 @@ CALL_TIMEOUT = 25.0  # seconds for a call that does not wait on the runtime (lib
 START_TIMEOUT = 300.0  # a Start without a timeout of its own still ends some day
 TIMEOUT_SLACK = 5.0  # on top of a Start's own timeout, so the daemon's Timeout error wins
 
-_NOT_RUNNING = {
-    f"{DBUS}.Error.ServiceUnknown",
-    f"{DBUS}.Error.NameHasNoOwner",
-    f"{DBUS}.Error.Disconnected",
-}
-
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Held:
-    """A lease and the daemon (its unique bus name) that holds it."""
-
-    id: str
-    owner: str
-    snapshot: Snapshot | None  # the runtime once ready; None before
-
-
-@dataclass(frozen=True)
-class LeaseInfo:
-    """What ``lease()`` yields: the lease and the runtime it holds."""
-
-    id: str
-    snapshot: Snapshot
-
-    @property
-    def environment(self) -> Mapping[str, str]:
-        return self.snapshot.environment
-
-
-def error_from_reply(name: str, text: str) -> CxrdError:
-    """The exception for a D-Bus error reply."""
-    cls = error_for_dbus_name(name)
-    if cls is not None:
-        return cls(text)
-    if name in _NOT_RUNNING:
-        return NotRunning(f"cxrd is not running ({text})")
-    if name == f"{DBUS}.Error.AccessDenied":
-        return AccessDenied(text)
-    if name in (f"{DBUS}.Error.NoReply", f"{DBUS}.Error.Timeout", f"{DBUS}.Error.TimedOut"):
-        return Timeout(f"cxrd did not answer in time ({text})")
-    if name.startswith(f"{DBUS}.Error.Spawn.") or name.startswith("org.freedesktop.systemd1."):
-        return StartFailed(f"the bus could not start cxrd: {text}")
-    return CxrdError(f"{name}: {text}")
 
 
 # --- asyncio --------------------------------------------------------------------

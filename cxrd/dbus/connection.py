@@ -2,7 +2,8 @@
 
 The order is the one libdbus and sd-bus use: ``$DBUS_SESSION_BUS_ADDRESS``,
 then the per-user socket ``$XDG_RUNTIME_DIR/bus`` (``/run/user/<uid>/bus``
-when the variable is unset), which is where systemd's user bus lives.
+when the variable is unset), which is where systemd's user bus lives. And
+what the bus's error replies mean, as cxrd's errors.
 """
 
 from __future__ import annotations
@@ -17,7 +18,21 @@ from typing import Any, Final
 from dbus_fast import DBusError
 from dbus_fast.aio import MessageBus
 
-from cxrd.errors import NotRunning
+from cxrd.constants import DBUS
+from cxrd.errors import (
+    AccessDenied,
+    CxrdError,
+    NotRunning,
+    StartFailed,
+    Timeout,
+    error_for_dbus_name,
+)
+
+_NOT_RUNNING = {
+    f"{DBUS}.Error.ServiceUnknown",
+    f"{DBUS}.Error.NameHasNoOwner",
+    f"{DBUS}.Error.Disconnected",
+}
 
 # What connecting can raise: no socket or refused (OSError), a bad address or a
 # failed authentication (ValueError), no answer (TimeoutError), Hello refused.
@@ -91,3 +106,19 @@ def tolerate_full_socket(bus: MessageBus) -> None:
     sock = getattr(writer, "sock", None)
     if sock is not None and not isinstance(sock, _SendWhenWritable):
         writer.sock = _SendWhenWritable(sock)  # type: ignore[union-attr]
+
+
+def error_from_reply(name: str, text: str) -> CxrdError:
+    """The exception for a D-Bus error reply."""
+    cls = error_for_dbus_name(name)
+    if cls is not None:
+        return cls(text)
+    if name in _NOT_RUNNING:
+        return NotRunning(f"cxrd is not running ({text})")
+    if name == f"{DBUS}.Error.AccessDenied":
+        return AccessDenied(text)
+    if name in (f"{DBUS}.Error.NoReply", f"{DBUS}.Error.Timeout", f"{DBUS}.Error.TimedOut"):
+        return Timeout(f"cxrd did not answer in time ({text})")
+    if name.startswith(f"{DBUS}.Error.Spawn.") or name.startswith("org.freedesktop.systemd1."):
+        return StartFailed(f"the bus could not start cxrd: {text}")
+    return CxrdError(f"{name}: {text}")

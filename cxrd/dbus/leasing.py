@@ -1,4 +1,4 @@
-"""What a lease's block does around it, shared by the asyncio and the blocking client."""
+"""A lease as clients hold it, and what its block does around it (asyncio and blocking)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,33 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
+from cxrd.core.snapshot import Snapshot
 from cxrd.errors import NotRunning
 
 _log = logging.getLogger("cxrd.dbus.client")
+
+
+@dataclass(frozen=True)
+class Held:
+    """A lease and the daemon (its unique bus name) that holds it."""
+
+    id: str
+    owner: str
+    snapshot: Snapshot | None  # the runtime once ready; None before
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """What ``lease()`` yields: the lease and the runtime it holds."""
+
+    id: str
+    snapshot: Snapshot
+
+    @property
+    def environment(self) -> Mapping[str, str]:
+        return self.snapshot.environment
 
 
 @contextlib.contextmanager
