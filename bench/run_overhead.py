@@ -45,7 +45,9 @@ seconds-long start; free ports; a throwaway ``HOME``, nothing of
 
    Target: (a) with Isaac Lab under a tenth of the launcher's construction.
 
-The stand-in is not NVIDIA software. Prints one JSON object.
+SESSION is ``bench/run_overhead_session.py``, run by path; the warm cxrd
+(``Stand``, ``warm_cxrd``) is in ``bench/run_overhead_stand.py``. The
+stand-in is not NVIDIA software. Prints one JSON object.
 
     .venv/bin/python bench/run_overhead.py [--runs 10] [--delay 2.0] [--profile]
 """
@@ -64,12 +66,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from benchlib import free_port, private_bus, processes_of
+from benchlib import free_port, processes_of
+from run_overhead_stand import CXRCTL, WAIT, Stand, clean_env, warm_cxrd
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -79,105 +82,12 @@ CACHE = ROOT / ".cache"
 TELEOP_14 = CACHE / "isaacteleop-1.4.145"
 ISAACLAB = CACHE / "isaaclab-3.0.0"
 PROFILE = ISAACLAB / "isaaclab_teleop" / "cloudxrjs-cloudxr.env"
-CXRCTL = Path(sys.executable).parent / "cxrctl"
+# The program both session figures time, run by path (see its docstring).
+SESSION = BENCH / "run_overhead_session.py"
 TRUE = "/bin/true"
 SIM_BANNER = "SIMULATED CloudXR runtime"  # what cxrd.sim prints first
-WAIT = 60.0  # seconds: the bound on every wait here
 RUN_TARGET = 1.2  # cxrctl run -- true at most this times cxrctl status
 SESSION_TARGET = 0.1  # session start through cxrctl run under this share of the launcher's
-
-# Never inherited from whoever runs the bench: Isaac Lab's, the runtime's and the sim's knobs.
-SCRUB = (
-    "ISAACLAB_CXR_",
-    "NV_CXR_",
-    "NV_DEVICE_PROFILE",
-    "XR_RUNTIME_JSON",
-    "CXR_",
-    "CXRD_",
-    "PYTHONPATH",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "JOURNAL_STREAM",
-    "DBUS_SESSION_BUS_ADDRESS",
-    "PROXY_PORT",
-    "LD_PRELOAD",
-)
-
-# The program both session figures time; written to the temp dir and run by path.
-# It prints one JSON line of time.monotonic() stamps (CLOCK_MONOTONIC, the same
-# clock in every process here, so the bench subtracts its own spawn time).
-SESSION = r'''
-import time
-
-T = {"main": time.monotonic()}
-
-import json
-import os
-import socket
-import sys
-
-
-def usable():
-    """The runtime as OpenXR would find it: its manifest's path, then its IPC socket."""
-    manifest = os.environ["XR_RUNTIME_JSON"]
-    if not os.path.isabs(manifest):
-        raise RuntimeError(f"XR_RUNTIME_JSON={manifest!r}")
-    if os.path.exists(manifest):  # the real runtime writes it; the sim does not
-        with open(manifest) as f:
-            json.load(f)
-    ipc = os.path.join(os.environ["NV_CXR_RUNTIME_DIR"], "ipc_cloudxr")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5.0)
-        sock.connect(ipc)
-
-
-def isaaclab(env_file, paths):
-    sys.path[:0] = paths
-    from isaaclab_session import install_stubs  # tests/: Kit, torch, isaaclab.utils
-
-    install_stubs()
-    from isaaclab_teleop.isaac_teleop_cfg import IsaacTeleopCfg
-    from isaaclab_teleop.session_lifecycle import TeleopSessionLifecycle
-
-    if os.environ.get("ISAACLAB_CXR_SKIP_AUTOLAUNCH") != "1":
-        import isaacteleop.cloudxr as cloudxr  # what the ensure would import itself
-
-        class Timed(cloudxr.CloudXRLauncher):
-            def __init__(self, *args, **kwargs):
-                T["construct0"] = time.monotonic()
-                super().__init__(*args, **kwargs)
-                T["construct1"] = time.monotonic()
-
-            def stop(self):
-                T["stop0"] = time.monotonic()
-                super().stop()
-                T["stop1"] = time.monotonic()
-
-        cloudxr.CloudXRLauncher = Timed
-    T["imported"] = time.monotonic()
-    cfg = IsaacTeleopCfg(pipeline_builder=lambda: None, control_channel_uuid=None)
-    lifecycle = TeleopSessionLifecycle(cfg, cloudxr_env_file=env_file)
-    lifecycle._ensure_cloudxr_runtime()
-    T["ensured"] = time.monotonic()
-    usable()
-    T["usable"] = time.monotonic()
-    T["launched"] = lifecycle._cloudxr_launcher is not None
-    lifecycle.stop()
-
-
-def main():
-    mode, env_file, *paths = sys.argv[1:]
-    if mode == "minimal":
-        usable()
-        T["usable"] = time.monotonic()
-    else:
-        isaaclab(env_file, paths)
-    T["done"] = time.monotonic()
-    print(json.dumps(T), flush=True)
-
-
-main()
-'''
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -190,110 +100,6 @@ def stats(values: list[float]) -> dict[str, float]:
 
 def ratio(ours: list[float], theirs: list[float]) -> float:
     return round(statistics.median(ours) / statistics.median(theirs), 3)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUB)}
-    env.update(extra)
-    return env
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=WAIT)
-
-
-class Stand:
-    """A warm cxrd (sim runtime) on a private bus, and the environment cxrctl runs in."""
-
-    def __init__(self, tmp: Path, address: str, delay: float) -> None:
-        self.tmp = tmp
-        self.home = tmp / "home"
-        config_home = tmp / "config"
-        (config_home / "cxrd").mkdir(parents=True)
-        self.home.mkdir()
-        self.config = config_home / "cxrd" / "cxrd.toml"
-        # As tests/test_isaaclab.py runs it: the profile Isaac Lab asks for, so
-        # nothing here gives the runtime a reason to restart.
-        self.config.write_text(
-            f'install_dir = "{self.home / ".cloudxr"}"\n'
-            '[runtime]\nbackend = "sim"\nstartup_timeout = 30.0\nstop_timeout = 5.0\n'
-            f'device_profile = "auto-webrtc"\nsignaling_port = {free_port()}\n'
-            'env = { NV_CXR_ENABLE_PUSH_DEVICES = "0", NV_ENABLE_POSE_WAIT = "0" }\n'
-            f"[runtime.sim]\nstartup_delay = {delay!r}\n"
-            f'[proxy]\nhost = "127.0.0.1"\nport = {free_port()}\n'
-        )
-        self.env = clean_env(
-            DBUS_SESSION_BUS_ADDRESS=address,
-            HOME=str(self.home),
-            XDG_CONFIG_HOME=str(config_home),
-        )
-        self.log = tmp / "cxrd.log"
-        with self.log.open("ab") as log:
-            self.daemon = subprocess.Popen(
-                [sys.executable, "-m", "cxrd", "--config", str(self.config)],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                start_new_session=True,
-            )
-        try:
-            self.cxrctl("wait", "--timeout", str(delay + 30))
-        except BaseException:
-            self.close()
-            raise
-
-    def cxrctl(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return self.check([str(CXRCTL), *args])
-
-    def check(
-        self, argv: list[str], env: Mapping[str, str] | None = None
-    ) -> subprocess.CompletedProcess[bytes]:
-        done = subprocess.run(
-            argv,
-            env=self.env if env is None else env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=WAIT,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"{' '.join(argv)} exited {done.returncode}: {done.stderr.decode(errors='replace')}"
-                f"\n--- cxrd ---\n{self.log.read_text(errors='replace')[-3000:]}"
-            )
-        return done
-
-    def timed(self, argv: list[str]) -> float:
-        """Milliseconds from spawn to exit (exit 0 required)."""
-        began = time.perf_counter()
-        self.check(argv)
-        return (time.perf_counter() - began) * 1e3
-
-    def runtime_pid(self) -> int:
-        snap = json.loads(self.cxrctl("status", "--json").stdout)
-        return int(snap["runtime"]["pid"])
-
-    def close(self) -> None:
-        stop_process(self.daemon)
-
-
-@contextmanager
-def warm_cxrd(delay: float) -> Iterator[Stand]:
-    with (
-        tempfile.TemporaryDirectory(prefix="cxrd-bench-run-") as name,
-        private_bus(Path(name)) as address,
-    ):
-        stand = Stand(Path(name), address, delay)
-        try:
-            yield stand
-        finally:
-            stand.close()
 
 
 def run_true(stand: Stand, runs: int) -> dict[str, Any]:
@@ -380,9 +186,9 @@ def profile(stand: Stand) -> dict[str, Any]:
     return out
 
 
-def _session_argv(script: Path, mode: str) -> list[str]:
+def _session_argv(mode: str) -> list[str]:
     paths = [str(TESTS), str(TELEOP_14), str(ISAACLAB)]
-    return [sys.executable, str(script), mode, str(PROFILE), *paths]
+    return [sys.executable, str(SESSION), mode, str(PROFILE), *paths]
 
 
 def _stamps(argv: list[str], env: Mapping[str, str], stderr: Path) -> tuple[float, dict[str, Any]]:
@@ -416,12 +222,12 @@ def _stamps(argv: list[str], env: Mapping[str, str], stderr: Path) -> tuple[floa
 class Launcher14:
     """Isaac Lab's session on isaacteleop 1.4's own launcher, the sim behind the shim."""
 
-    def __init__(self, tmp: Path, script: Path, delay: float) -> None:
+    def __init__(self, tmp: Path, delay: float) -> None:
         self.home = tmp / "home-launcher"
         self.home.mkdir()
         self.install = self.home / ".cloudxr"
         self.stderr = tmp / "launcher.stderr"
-        self.argv = _session_argv(script, "isaaclab")
+        self.argv = _session_argv("isaaclab")
         self.env = clean_env(
             HOME=str(self.home),  # Isaac Lab's ~/.cloudxr, in the temp dir
             PYTHONPATH=os.pathsep.join((str(SHIM), str(TELEOP_14), str(ISAACLAB))),
@@ -459,8 +265,8 @@ class Launcher14:
         return left
 
 
-def under_run(stand: Stand, script: Path, mode: str) -> dict[str, float]:
-    argv = [str(CXRCTL), "run", "--", *_session_argv(script, mode)]
+def under_run(stand: Stand, mode: str) -> dict[str, float]:
+    argv = [str(CXRCTL), "run", "--", *_session_argv(mode)]
     began, t = _stamps(argv, stand.env, stand.tmp / f"run-{mode}.stderr")
     if t.get("launched"):
         raise RuntimeError("Isaac Lab launched its own runtime under cxrctl run")
@@ -472,9 +278,9 @@ def under_run(stand: Stand, script: Path, mode: str) -> dict[str, float]:
     }
 
 
-def sourced(stand: Stand, script: Path, env: Mapping[str, str]) -> dict[str, float]:
+def sourced(stand: Stand, env: Mapping[str, str]) -> dict[str, float]:
     """The session with the runtime's environment already there: no cxrctl, no lease."""
-    began, t = _stamps(_session_argv(script, "isaaclab"), env, stand.tmp / "sourced.stderr")
+    began, t = _stamps(_session_argv("isaaclab"), env, stand.tmp / "sourced.stderr")
     if t.get("launched"):
         raise RuntimeError("Isaac Lab launched its own runtime with cxrd's environment")
     return {
@@ -487,9 +293,7 @@ def sessions(stand: Stand, runs: int, delay: float) -> dict[str, Any]:
     missing = [str(p) for p in (TELEOP_14 / "isaacteleop", PROFILE) if not p.exists()]
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: scripts/setup.sh fetches them")
-    script = stand.tmp / "session.py"
-    script.write_text(SESSION)
-    launcher = Launcher14(stand.tmp, script, delay)
+    launcher = Launcher14(stand.tmp, delay)
     # eval "$(cxrctl env)" once, then ISAACLAB_CXR_SKIP_AUTOLAUNCH=1 as cxrctl run sets it.
     runtime_env = json.loads(stand.cxrctl("env", "--shell", "json").stdout)
     env = {**stand.env, **runtime_env, "ISAACLAB_CXR_SKIP_AUTOLAUNCH": "1"}
@@ -502,9 +306,9 @@ def sessions(stand: Stand, runs: int, delay: float) -> dict[str, Any]:
     }
     for run in range(runs + 1):  # the first round warms caches and writes the cert: not counted
         got = {
-            "isaaclab": under_run(stand, script, "isaaclab"),
-            "minimal": under_run(stand, script, "minimal"),
-            "sourced": sourced(stand, script, env),
+            "isaaclab": under_run(stand, "isaaclab"),
+            "minimal": under_run(stand, "minimal"),
+            "sourced": sourced(stand, env),
             "launcher": launcher.once(),
         }
         if run:
