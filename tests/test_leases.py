@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from fixtures_dbus import BusDaemon
 from support import TIMEOUT, wait_until
 
 from cxrd.client import CloudXRClient
 from cxrd.core.states import State
-from cxrd.errors import NotRunning
+from cxrd.errors import InvalidArgs, NotRunning
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -76,3 +77,15 @@ def _state_or_none(client: CloudXRClient) -> State | None:
         return client.status().state
     except NotRunning:
         return None
+
+
+def test_a_start_asking_for_reserved_keys_is_refused_over_the_bus_naming_them(
+    ready_daemon: BusDaemon,
+) -> None:
+    with CloudXRClient(ready_daemon.address) as client:
+        pid = client.status().runtime.pid
+        with pytest.raises(InvalidArgs) as caught:
+            client.start(env={"XR_RUNTIME_JSON": "/x", "NV_CXR_SERVER_PORT": "1"}, gpu=-1)
+        for named in ("XR_RUNTIME_JSON", "NV_CXR_SERVER_PORT", "gpu -1"):
+            assert named in str(caught.value)
+        assert client.status().runtime.pid == pid

@@ -234,9 +234,8 @@ def parse_start_options(options: Mapping[str, Any]) -> tuple[float | None, Choic
             raise InvalidArgs("option 'device_profile' must not be empty")
     env = {str(k): str(v) for k, v in options["env"].value.items()} if "env" in options else {}
     gpu = int(options["gpu"].value) if "gpu" in options else None
-    choice = Choice(profile=profile, env=env, gpu=gpu)
-    choice.check()
-    return timeout, choice
+    # What the values may be (reserved keys, ...) the supervisor checks, for every caller.
+    return timeout, Choice(profile=profile, env=env, gpu=gpu)
 
 
 def start_options(timeout: float | None, choice: Choice | None = None) -> dict[str, Variant]:
