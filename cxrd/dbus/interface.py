@@ -18,9 +18,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any
 
+import psutil
 from dbus_fast import DBusError, Variant
 from dbus_fast import introspection as intr
 from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32
@@ -102,14 +102,12 @@ def _translated(member: str) -> Iterator[None]:
 
 
 def _command_of(pid: int) -> str:
-    """``: <its command line>`` where /proc says (the same user's process), else ''."""
+    """``: <its command line>`` where the system says (the same user's process), else ''."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        words = psutil.Process(pid).cmdline()
+    except psutil.Error:
         return ""
-    words = [w.decode(errors="replace") for w in raw.split(b"\0") if w]
-    text = " ".join(words)
-    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    text = "".join(ch if ch.isprintable() else "?" for ch in " ".join(words))
     return f": {text[:120]}" if text else ""
 
 
