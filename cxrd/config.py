@@ -9,7 +9,6 @@ half-applied.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import math
 import os
@@ -21,6 +20,8 @@ from typing import Any
 
 from cxrd import constants as C
 from cxrd import tables
+from cxrd.config_proxy import ProxyConfig as ProxyConfig  # re-exported: part of the schema
+from cxrd.config_proxy import checked_proxy
 from cxrd.errors import InvalidArgs, InvalidConfig
 from cxrd.instances import Instance
 from cxrd.system.envfile import ENV_NAME, check_env_value
@@ -65,24 +66,6 @@ class RuntimeConfig:
     gpu: int | None = None  # CUDA device index: NV_CXR_GPU_INDEX_CUDA
     env: Mapping[str, str] = field(default_factory=dict)
     sim: SimConfig = field(default_factory=SimConfig)
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    enabled: bool = True
-    host: str = "0.0.0.0"
-    port: int = C.DEFAULT_PROXY_PORT
-    # Deprecated alias of runtime.signaling_port; load_config folds it in and clears it.
-    backend_port: int | None = None
-    cert: str | None = None
-    key: str | None = None
-    max_message_size: int = 4 * 1024 * 1024
-    max_connections: int = 64
-    ping_interval: float = 20.0
-    ping_timeout: float = 20.0
-    host_client: bool = True  # serve the web client at /client/
-    client_dir: str | None = None  # None: $TELEOP_WEB_CLIENT_STATIC_DIR, else <install>/...
-    allow: tuple[str, ...] = ()  # addresses and CIDR networks that may connect; () = everyone
 
 
 @dataclass(frozen=True)
@@ -224,6 +207,7 @@ def load_config(
     if environ is not None:
         config = _gpu_from_environ(config, environ)
     config = dataclasses.replace(config, source=source, instance=inst.name)
+    config = dataclasses.replace(config, proxy=checked_proxy(config.proxy, source))
     _check_semantics(config)
     return config
 
@@ -414,10 +398,6 @@ def _check_semantics(config: Config) -> None:
         "restart.window": config.restart.window,
         "restart.backoff_initial": config.restart.backoff_initial,
         "restart.backoff_max": config.restart.backoff_max,
-        "proxy.max_message_size": config.proxy.max_message_size,
-        "proxy.max_connections": config.proxy.max_connections,
-        "proxy.ping_interval": config.proxy.ping_interval,
-        "proxy.ping_timeout": config.proxy.ping_timeout,
         "idle_grace": config.idle_grace,
         "logs.max_bytes": config.logs.max_bytes,
         "logs.keep": config.logs.keep,
@@ -463,15 +443,6 @@ def _check_semantics(config: Config) -> None:
         _ = config.health.address
     except ValueError as exc:
         raise InvalidConfig(f"{src}: health.listen: {exc}") from None
-    if (config.proxy.cert is None) != (config.proxy.key is None):
-        raise InvalidConfig(f"{src}: proxy.cert, proxy.key: give both or neither")
-    for entry in config.proxy.allow:
-        try:
-            ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            raise InvalidConfig(
-                f"{src}: proxy.allow: {entry!r} is not an address or a CIDR network"
-            ) from None
 
 
 def _check_sim(sim: SimConfig, src: str) -> None:

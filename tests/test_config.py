@@ -77,6 +77,11 @@ def test_default_file_is_found_under_xdg_config_home(
         ("[runtime.env]\nA = 1\n", "runtime.env: expected a table of strings"),
         ("[restart]\nwindow = -1\n", "restart.window: must be greater than 0"),
         ("[proxy]\ncert = '/a.crt'\n", "proxy.cert, proxy.key: give both"),
+        ("[proxy]\nmax_pending = 0\n", "proxy.max_pending: must be greater than 0"),
+        ("[proxy]\nmax_per_address = -1\n", "proxy.max_per_address: must be greater than 0"),
+        ("[proxy]\nhandshake_timeout = 0\n", "proxy.handshake_timeout: must be greater than 0"),
+        ("[proxy]\nhead_timeout = nan\n", "proxy.head_timeout: must be greater than 0"),
+        ("[proxy]\nallow = ['10.0.0.300']\n", "proxy.allow: '10.0.0.300' is not an address"),
         ("stop_when_idle = 'yes'\n", "stop_when_idle: expected true or false"),
         ("[runtime\n", "not valid TOML"),
     ],
@@ -87,6 +92,19 @@ def test_bad_config_names_file_and_key(tmp_path: Path, text: str, needle: str) -
         load_config(path)
     assert str(path) in str(info.value)
     assert needle in str(info.value)
+
+
+def test_admission_defaults_are_bounded_and_allow_entries_are_normalised(
+    tmp_path: Path,
+) -> None:
+    defaults = load_config(write(tmp_path, "")).proxy
+    assert (defaults.max_pending, defaults.max_per_address) == (64, 16)
+    assert (defaults.handshake_timeout, defaults.head_timeout) == (5.0, 5.0)
+    entries = "'::ffff:10.0.0.7', '::ffff:192.168.1.0/120', '10.1.0.0/16', 'fd00::/8'"
+    text = f"[proxy]\nallow = [{entries}]\n"
+    config = load_config(write(tmp_path, text))
+    # The IPv4-mapped forms mean their IPv4 address and network; the others stay as written.
+    assert config.proxy.allow == ("10.0.0.7", "192.168.1.0/24", "10.1.0.0/16", "fd00::/8")
 
 
 def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
