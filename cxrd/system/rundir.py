@@ -10,21 +10,17 @@ import errno
 import fcntl
 import json
 import os
-import pwd
 import socket
-import stat
 import struct
 import time
 from pathlib import Path
-from typing import NoReturn
 
 from cxrd import constants as C
 from cxrd.errors import AlreadyServing, InvalidConfig
+from cxrd.system.private import ELSEWHERE, ensure_private_dir
 
 # sun_path holds 108 bytes with its terminating NUL, which C runtimes write.
 MAX_SOCKET_PATH = 107
-
-_ELSEWHERE = "or set install_dir (--install-dir) to a directory of your own"
 
 
 def ensure_run_dir(run_dir: Path) -> None:
@@ -32,63 +28,9 @@ def ensure_run_dir(run_dir: Path) -> None:
 
     The lock, the runtime's socket and the environment file live here: a
     symlink or another user's directory would hand them to whoever controls
-    it, so either is refused. Only the mode of our own directory is put right.
+    it, so either is refused (:func:`cxrd.system.private.ensure_private_dir`).
     """
-    try:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(run_dir, 0o700)
-    except OSError as exc:
-        raise InvalidConfig(
-            f"{exc.filename or run_dir}: cannot make the run directory {run_dir}: "
-            f"{exc.strerror}; make {run_dir.parent} a directory you can write, {_ELSEWHERE}"
-        ) from None
-    try:
-        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        _refuse_unusable(run_dir, exc)
-    try:
-        info = os.fstat(fd)
-        _check_owner(run_dir, info.st_uid)
-        if stat.S_IMODE(info.st_mode) != 0o700:
-            os.fchmod(fd, 0o700)
-    finally:
-        os.close(fd)
-
-
-def _refuse_unusable(run_dir: Path, exc: OSError) -> NoReturn:
-    """Why ``run_dir`` cannot be opened as a directory: a link, another user's, or ``exc``."""
-    try:
-        info = os.lstat(run_dir)
-    except OSError:
-        pass
-    else:
-        if stat.S_ISLNK(info.st_mode):
-            raise InvalidConfig(
-                f"{run_dir} is a symbolic link; cxrd keeps its lock and the runtime's socket "
-                f"only in a real directory: remove the link (cxrd makes the directory), "
-                f"{_ELSEWHERE}"
-            ) from None
-        _check_owner(run_dir, info.st_uid)
-    raise InvalidConfig(
-        f"{run_dir}: cannot use it as the run directory: {exc.strerror}; remove it "
-        f"(cxrd makes it again), {_ELSEWHERE}"
-    ) from None
-
-
-def _check_owner(run_dir: Path, uid: int) -> None:
-    if uid != os.getuid():
-        raise InvalidConfig(
-            f"{run_dir} belongs to {_user(uid)}, not to {_user(os.getuid())}: remove it "
-            f"(cxrd makes it again, mode 0700), {_ELSEWHERE}"
-        )
-
-
-def _user(uid: int) -> str:
-    try:
-        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
+    ensure_private_dir(run_dir, "the run directory", "its lock and the runtime's socket")
 
 
 class InstallLock:
@@ -103,7 +45,7 @@ class InstallLock:
         except OSError as exc:
             raise InvalidConfig(
                 f"{self.path}: cannot open the install lock: {exc.strerror}; make {run_dir} "
-                f"writable, {_ELSEWHERE}"
+                f"writable, {ELSEWHERE}"
             ) from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
