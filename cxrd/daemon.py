@@ -30,7 +30,7 @@ from cxrd.system.listeners import bind_listener
 from cxrd.system.notify import SdNotifier
 from cxrd.system.process import ProcessLauncher
 from cxrd.system.reaper import OrphanReaper, is_init
-from cxrd.system.rundir import InstallLock
+from cxrd.system.rundir import InstallLock, leftovers
 
 if TYPE_CHECKING:
     from cxrd.dbus.service import DBusService
@@ -211,6 +211,7 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         log.info("running as PID 1: reaping orphaned processes")
     _accept_eula(config, args)
     launcher = ProcessLauncher(reaper)
+    launcher.leave_clean(*leftovers(config.run_dir))  # should cxrd be killed
     host = SystemHost()
     supervisor = Supervisor(
         config,

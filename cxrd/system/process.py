@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shlex
@@ -26,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +71,8 @@ _POLL_FIRST = 0.005
 _POLL_MAX = 0.1
 # Once the group is gone, its last stderr lines reach the file within this.
 RELAY_DRAIN = 2.0
+# A guard that died younger than this is replaced only this much later.
+GUARD_RESPAWN = 1.0
 
 
 class Child:
@@ -180,7 +183,12 @@ class Child:
 
 
 class ProcessLauncher:
-    """Spawns children in new sessions; the guard kills their groups if cxrd dies.
+    """Spawns children in new sessions; they die with cxrd, however it ends.
+
+    Two mechanisms, each enough for the leaders: a parent-death signal
+    (SIGKILL) set in each child before it runs anything, and the guard, which
+    also reaches grandchildren. The signal follows the *thread* that forked,
+    so spawn only from the event loop's thread, which lives as long as cxrd.
 
     Given a reaper (cxrd is PID 1), it tells it every pid it forks, so that
     the reaper leaves their exit statuses to their owners.
@@ -213,6 +221,7 @@ class ProcessLauncher:
                     env=env,
                     pass_fds=spec.pass_fds,
                     start_new_session=True,
+                    preexec_fn=_die_with(os.getpid()),
                 )
             except OSError as exc:
                 if relay is not None:
@@ -226,8 +235,36 @@ class ProcessLauncher:
         log.info("started %s: pid %d: %s", spec.name, proc.pid, shlex.join(spec.argv))
         return Child(spec, proc, self._guard, self._reaper, relay)
 
+    def leave_clean(self, files: Iterable[Path], unless_answers: Path) -> None:
+        """Files the children leave: removed by the guard after a cxrd that died."""
+        self._guard.leave_clean(files, unless_answers)
+
+    @property
+    def guard_pid(self) -> int:
+        return self._guard.pid
+
     def close(self) -> None:
         self._guard.close()
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the forked child only calls it
+_prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """Run in the forked child before exec: SIGKILL it when ``parent`` dies.
+
+    The signal is lost if the parent died before it was set: then it dies now.
+    Nothing here but syscalls: other threads may hold locks the fork copied.
+    """
+
+    def in_child() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return in_child
 
 
 class Guard:
@@ -235,46 +272,133 @@ class Guard:
 
     systemd's ``KillMode=mixed`` covers a unit; this covers a terminal or a
     container, where a SIGKILLed cxrd would otherwise leave its children (and
-    their grandchildren, which no parent-death signal reaches) running.
+    their grandchildren, which no parent-death signal reaches) running. After
+    a cxrd that died, it also removes the files given to :meth:`leave_clean`.
+
+    The guard is supervised: its stdout is a pipe that only it holds, so its
+    death (the OOM killer, a stray kill) is an EOF on the event loop, and a
+    new guard takes over every group and file at once. Needs a running loop.
     """
 
     def __init__(self, reaper: OrphanReaper | None = None) -> None:
         self._reaper = reaper
-        read_end, self._write_end = os.pipe()
-        os.set_inheritable(self._write_end, False)
+        self._loop = asyncio.get_running_loop()
+        self._groups: set[int] = set()
+        self._lines: list[str] = []  # the files and sockets, for a new guard
+        self._closed = False
+        self._write_end = -1  # the pipe to the guard running now; -1 while none runs
+        self._replacing: asyncio.TimerHandle | None = None
+        self._start()
+
+    def _start(self) -> None:
+        read_end, write_end = os.pipe()
         script = Path(__file__).parent.parent / "data" / "guard.py"
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", str(script)],
                 stdin=read_end,
-                stdout=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
                 start_new_session=True,
             )
+        except BaseException:
+            os.close(write_end)
+            raise
         finally:
             os.close(read_end)
-        if reaper is not None:
-            reaper.own(self._proc.pid)
+        self._write_end = write_end
+        self._started = time.monotonic()
+        if self._reaper is not None:
+            self._reaper.own(self._proc.pid)
+        assert self._proc.stdout is not None
+        self._loop.add_reader(self._proc.stdout.fileno(), self._died)
+        self._send("".join(f"+{pgid}\n" for pgid in self._groups) + "".join(self._lines))
 
-    def _send(self, line: str) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._write_end, line.encode())
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _died(self) -> None:
+        assert self._proc.stdout is not None
+        if os.read(self._proc.stdout.fileno(), 512):
+            return  # the guard writes nothing, but a line would not be its death
+        code = self._end()
+        if self._closed:
+            return
+        # A guard that keeps dying at once (no memory?) is not replaced in a hot loop.
+        delay = 0.0 if time.monotonic() - self._started >= GUARD_RESPAWN else GUARD_RESPAWN
+        log.warning(
+            "the guard (pid %d) %s; starting another%s",
+            self._proc.pid,
+            describe_exit(code),
+            f" in {delay:g} s" if delay else "",
+        )
+        self._replacing = self._loop.call_later(delay, self._replace)
+
+    def _replace(self) -> None:
+        self._replacing = None
+        with self._spawning():
+            try:
+                self._start()
+            except OSError as exc:
+                log.error(
+                    "cannot start a new guard: %s; until cxrd restarts, its children die with "
+                    "it by their parent-death signal only (grandchildren may outlive it)",
+                    exc,
+                )
+                return
+        log.info("guard: pid %d watches %d process group(s)", self._proc.pid, len(self._groups))
+
+    def _spawning(self) -> contextlib.AbstractContextManager[None]:
+        return self._reaper.spawning() if self._reaper is not None else contextlib.nullcontext()
+
+    def _end(self) -> int:
+        """Stop watching the current guard process and reap it; its exit status."""
+        assert self._proc.stdout is not None
+        self._loop.remove_reader(self._proc.stdout.fileno())
+        self._proc.stdout.close()
+        write_end, self._write_end = self._write_end, -1
+        os.close(write_end)
+        try:
+            # Closed by the guard's exit (or by us): it is gone, or about to be.
+            code = self._proc.wait(timeout=KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            code = self._proc.wait()
+        if self._reaper is not None:
+            self._reaper.disown(self._proc.pid)
+        return code
+
+    def _send(self, text: str) -> None:
+        if text and self._write_end >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._write_end, text.encode())
 
     def watch(self, pgid: int) -> None:
+        self._groups.add(pgid)
         self._send(f"+{pgid}\n")
 
     def forget(self, pgid: int) -> None:
+        self._groups.discard(pgid)
         self._send(f"-{pgid}\n")
 
+    def leave_clean(self, files: Iterable[Path], unless_answers: Path) -> None:
+        """After a cxrd that died: remove ``files``, unless a runtime answers on that socket."""
+        paths = [*(f"f{path}" for path in files), f"s{unless_answers}"]
+        text = "".join(f"{line}\n" for line in paths if "\n" not in line)
+        self._lines.append(text)
+        self._send(text)
+
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._write_end)
-        try:
-            self._proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        if self._reaper is not None:
-            self._reaper.disown(self._proc.pid)
+        """Orderly: the guard kills what is still registered, and leaves the files to cxrd."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._replacing is not None:
+            self._replacing.cancel()
+            return  # no guard runs now
+        if self._write_end >= 0:
+            self._send(".\n")
+            self._end()
 
 
 def _killpg(pgid: int, sig: signal.Signals) -> None:

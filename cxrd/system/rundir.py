@@ -9,6 +9,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import struct
@@ -16,8 +17,10 @@ import time
 from pathlib import Path
 
 from cxrd import constants as C
-from cxrd.errors import AlreadyServing, InvalidConfig
+from cxrd.errors import AlreadyServing, InvalidConfig, StartFailed
 from cxrd.system.private import ELSEWHERE, ensure_private_dir
+
+log = logging.getLogger(__name__)
 
 # sun_path holds 108 bytes with its terminating NUL, which C runtimes write.
 MAX_SOCKET_PATH = 107
@@ -34,7 +37,12 @@ def ensure_run_dir(run_dir: Path) -> None:
 
 
 class InstallLock:
-    """An flock on ``run/cxrd.lock`` held for the daemon's life: one cxrd per install dir."""
+    """An flock on ``run/cxrd.lock`` held for the daemon's life: one cxrd per install dir.
+
+    The file holds the holder's pid until it releases the lock. A pid found
+    there when the lock is taken is a cxrd that died (SIGKILL): the runtime
+    files it left go now, unless a runtime answers (then they are its).
+    """
 
     def __init__(self, run_dir: Path) -> None:
         ensure_run_dir(run_dir)
@@ -43,6 +51,8 @@ class InstallLock:
         try:
             self._fd = os.open(self.path, flags, 0o600)
         except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise _cannot_write(self.path, exc) from None
             raise InvalidConfig(
                 f"{self.path}: cannot open the install lock: {exc.strerror}; make {run_dir} "
                 f"writable, {ELSEWHERE}"
@@ -54,13 +64,64 @@ class InstallLock:
             os.close(self._fd)
             who = f" (pid {holder})" if holder.isdigit() else ""
             raise AlreadyServing(f"another cxrd{who} already serves {run_dir.parent}") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            previous = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(self._fd)
+            raise _cannot_write(self.path, exc) from None
+        if previous and live_runtime_pid(run_dir) is None:
+            removed = remove_stale(run_dir)
+            with contextlib.suppress(FileNotFoundError):
+                (run_dir / C.ENV_FILE).unlink()
+                removed.append(C.ENV_FILE)
+            if removed:
+                log.warning(
+                    "the previous cxrd (pid %s) ended without cleaning up: removed %s from %s",
+                    previous,
+                    ", ".join(removed),
+                    run_dir,
+                )
 
     def release(self) -> None:
         with contextlib.suppress(OSError):
             os.ftruncate(self._fd, 0)
         os.close(self._fd)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _cannot_write(path: Path, exc: OSError) -> StartFailed:
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return StartFailed(f"cannot write {path}: {exc.strerror or exc} ({code})")
+
+
+def lock_holder(run_dir: Path) -> int | None:
+    """The pid of the cxrd holding the install lock now (from /proc/locks); None if none.
+
+    Read without taking the lock, which would fail a cxrd starting meanwhile.
+    """
+    try:
+        info = os.stat(run_dir / C.LOCK_FILE)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            table = f.read()
+    except OSError:
+        return None
+    inode = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    for line in table.splitlines():
+        # 1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
+            return int(fields[4])
+    return None
+
+
+def leftovers(run_dir: Path) -> tuple[list[Path], Path]:
+    """The files a runtime's run leaves in ``run_dir``, and the socket that says it still runs."""
+    names = (C.ENV_FILE, *C.STALE_RUN_FILES)
+    return [run_dir / name for name in names], run_dir / C.IPC_SOCKET
 
 
 def live_runtime_pid(run_dir: Path) -> int | None:
