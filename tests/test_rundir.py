@@ -12,10 +12,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from fixtures_daemon import DaemonEnv, NotifySocket
 from support import TIMEOUT
 
-from cxrd.errors import InvalidConfig
-from cxrd.system.rundir import MAX_SOCKET_PATH, InstallLock, ensure_run_dir, live_runtime_pid
+from cxrd.errors import InvalidConfig, StartFailed
+from cxrd.system.rundir import (
+    MAX_SOCKET_PATH,
+    InstallLock,
+    ensure_run_dir,
+    live_runtime_pid,
+    lock_holder,
+)
 
 
 def mode(path: Path) -> int:
@@ -152,3 +159,105 @@ def test_a_socket_path_too_long_is_named_not_taken_for_a_live_runtime(tmp_path: 
     limit = len(os.fsencode(install)) - 1
     assert f"{install}/run/ipc_cloudxr: {MAX_SOCKET_PATH + 1} bytes, too long" in message
     assert f"install_dir (--install-dir) to a path of at most {limit} bytes" in message
+
+
+def leave_a_dead_runtime(run_dir: Path, holder: str) -> None:
+    ensure_run_dir(run_dir)
+    (run_dir / "cxrd.lock").write_text(holder)
+    for name in ("cloudxr.env", "runtime_started", "cloudxr.pid"):
+        (run_dir / name).write_text("stale\n")
+
+
+def test_the_lock_of_a_cxrd_that_died_sweeps_its_runtime_files(tmp_path: Path) -> None:
+    run_dir = tmp_path / "install" / "run"
+    leave_a_dead_runtime(run_dir, "424242\n")
+    lock = InstallLock(run_dir)
+    lock.release()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["cxrd.lock"]
+    # Released in order (an empty lock file): the next holder touches nothing.
+    (run_dir / "cloudxr.env").write_text("a runtime not ours\n")
+    InstallLock(run_dir).release()
+    assert (run_dir / "cloudxr.env").exists()
+
+
+def test_the_files_of_a_runtime_that_answers_are_left_to_it(tmp_path: Path) -> None:
+    run_dir = tmp_path / "install" / "run"
+    leave_a_dead_runtime(run_dir, "424242\n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(os.fspath(run_dir / "ipc_cloudxr"))
+        listener.listen()
+        InstallLock(run_dir).release()
+    assert (run_dir / "cloudxr.env").exists() and (run_dir / "runtime_started").exists()
+
+
+def test_lock_holder_names_the_pid_holding_the_install_lock(tmp_path: Path) -> None:
+    run_dir = tmp_path / "install" / "run"
+    assert lock_holder(run_dir) is None
+    lock = InstallLock(run_dir)
+    try:
+        assert lock_holder(run_dir) == os.getpid()
+    finally:
+        lock.release()
+    assert lock_holder(run_dir) is None
+
+
+FULL_DISK_PROBE = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from cxrd.errors import CxrdError
+    from cxrd.system.rundir import InstallLock
+    try:
+        InstallLock(Path(sys.argv[1]))
+    except CxrdError as err:
+        print(type(err).__name__, err.exit_code, err)
+    """
+)
+
+
+def test_a_full_disk_at_the_first_start_is_a_named_start_failure(tmp_path: Path) -> None:
+    """A tmpfs filled up (in a mount namespace of its own): the lock's pid cannot be written."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    script = (
+        f'mount -t tmpfs -o size=64k tmpfs "{mnt}" || exit 77; '
+        f'cat /dev/zero > "{mnt}/fill" 2>/dev/null; exec "$0" -c "$1" "{mnt}/install/run"'
+    )
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+         sys.executable, FULL_DISK_PROBE],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    if out.returncode == 77 or "unshare failed" in out.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.stdout.strip() == (
+        f"StartFailed 10 cannot write {mnt}/install/run/cxrd.lock: No space left on device (ENOSPC)"
+    )
+
+
+def test_cxrd_on_a_full_disk_exits_with_the_named_error(
+    daemon_env: DaemonEnv, notify: NotifySocket
+) -> None:
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    install = daemon_env.install_dir
+    install.mkdir()
+    script = (
+        f'mount -t tmpfs -o size=64k tmpfs "{install}" || exit 77; '
+        f'cat /dev/zero > "{install}/fill" 2>/dev/null; exec "$@"'
+    )
+    cxrd = [sys.executable, "-m", "cxrd", "--config", str(daemon_env.config_path)]
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cxrd],
+        env=daemon_env.env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    if out.returncode == 77 or "unshare failed" in out.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    assert out.returncode == StartFailed.exit_code, out.stderr
+    assert "Traceback" not in out.stderr
+    said = f"cannot write {install}/run/cxrd.lock: No space left on device (ENOSPC)"
+    assert said in out.stderr
+    notify.wait_for(lambda m: said in m.get("STATUS", ""))

@@ -10,7 +10,8 @@
 It asks the daemon on D-Bus. A daemon that is not on the bus (``bus =
 none``, or no session bus) is asked through its health endpoint instead
 (``--health URL``, else ``health.listen`` of the config); with neither, the
-run dir's files say what they can. The output says which it used.
+run dir's files say what they can: a cxrd holding the install lock is
+running in a state they cannot tell (exit 1). The output says which it used.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from cxrd.core.states import State
 from cxrd.dbus.wire import snapshot_from_wire
 from cxrd.errors import CxrdError, InvalidArgs, NotRunning
 from cxrd.instances import Instance
-from cxrd.system.rundir import live_runtime_pid, read_last_error
+from cxrd.system.rundir import live_runtime_pid, lock_holder, read_last_error
 
 EXIT_READY = 0
 EXIT_TRANSITION = 1
@@ -116,6 +117,10 @@ def _status_without_bus(args: argparse.Namespace, why: str) -> int:
                 )
             _print_status(snap, args.json, "health", url, str(body.get("reason", "")))
             return _STATUS_EXIT.get(snap.state, EXIT_TRANSITION)
+    holder = lock_holder(config.run_dir) if config is not None else None
+    if config is not None and holder is not None:
+        _print_unknown(args, why, config, holder)
+        return EXIT_TRANSITION
     _print_down(args, why, config, note)
     return EXIT_NOT_RUNNING
 
@@ -263,16 +268,54 @@ def _snapshot_json(snap: Snapshot) -> dict[str, Any]:
     return {"running": True, **dataclasses.asdict(snap)}
 
 
+def _runtime_pid(config: Config) -> int | None:
+    try:
+        return live_runtime_pid(config.run_dir)
+    except CxrdError:
+        return None
+
+
+def _print_unknown(args: argparse.Namespace, why: str, config: Config, holder: int) -> None:
+    """A cxrd holds the install lock, and neither the bus nor a health endpoint answered."""
+    out = Out(sys.stdout)
+    live = _runtime_pid(config)
+    lock = config.run_dir / C.LOCK_FILE
+    if args.json:
+        data = {
+            "running": True,
+            "state": "unknown",
+            "detail": why,
+            "daemon_pid": holder,
+            "source": "run_dir",
+            "runtime_live": live is not None,
+            "runtime_pid": live or None,
+        }
+        out.line(json.dumps(data, indent=2, sort_keys=True))
+        return
+    label = instance_from_args(args).label
+    state = out.paint("running", "1")
+    out.line(
+        f"{out.paint('●', '33')} cxrd ({label}) — {state} (state unknown without the bus: {why})"
+    )
+    out.line(f"  Daemon: pid {holder} holds {lock}")
+    socket = config.run_dir / C.IPC_SOCKET
+    if live is None:
+        out.line(f"  Runtime: none answers on {socket}")
+    else:
+        out.line(f"  Runtime: answers on {socket} ({f'pid {live}' if live else 'pid unknown'})")
+    out.line(
+        f"  Via: the run dir's files in {config.run_dir}; for its state, set health.listen "
+        "or pass --health URL"
+    )
+
+
 def _print_down(args: argparse.Namespace, why: str, config: Config | None, note: str) -> None:
     out = Out(sys.stdout)
     last: dict[str, object] | None = None
     live: int | None = None
     if config is not None:
         last = read_last_error(config.run_dir)
-        try:
-            live = live_runtime_pid(config.run_dir)
-        except CxrdError:
-            live = None
+        live = _runtime_pid(config)
     if args.json:
         data = {
             "running": False,
