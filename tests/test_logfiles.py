@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import subprocess
@@ -9,10 +11,12 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from fixtures_daemon import DaemonEnv, NotifySocket
 from support import TIMEOUT, wait_until
 
-from cxrd.system.logfiles import prune, rotate
+from cxrd.config import LogsConfig
+from cxrd.system.logfiles import Relay, ensure_logs_dir, prune, rotate
 
 FLOOD = re.compile(rb"cxrd-sim: flood line (\d{9}) ")
 
@@ -124,3 +128,102 @@ def _lines_in(logs: Path) -> int:
 
 def sizes_of(logs: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in logs.glob("runtime_stderr.log*")}
+
+
+# The stderr relay: a failed reopen, a planted link ---------------------------------------------
+
+# A child that writes each line of its stdin to its stderr: the relay's writer, which the
+# test drives line by line and which never restarts.
+ECHO = "import sys\nfor line in sys.stdin:\n    sys.stderr.write(line)\n    sys.stderr.flush()\n"
+
+
+class EchoChild:
+    """A real child whose stderr is a :class:`Relay`'s pipe."""
+
+    def __init__(self, path: Path, limits: LogsConfig) -> None:
+        self.relay = Relay(path, limits)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ECHO],
+            stdin=subprocess.PIPE,
+            stderr=self.relay.write_fd,
+            text=True,
+        )
+        self.relay.start()
+
+    def say(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    async def end(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            assert self.proc.wait(TIMEOUT) == 0
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        await self.relay.drained(TIMEOUT)
+
+
+def text_of(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def test_the_relay_writes_again_after_a_failed_reopen_without_a_child_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cxrd.system.logfiles")
+    logs = tmp_path / "logs"
+    ensure_logs_dir(logs)
+    path = logs / "runtime_stderr.log"
+    first, second = "one " * 150, "two " * 150  # 601 bytes each with the newline: two pass 1000
+
+    async def scenario() -> None:
+        child = EchoChild(path, LogsConfig(max_bytes=1000, keep=2))
+        try:
+            child.say(first)
+            wait_until(lambda: text_of(path) == first + "\n", "the first line in the file")
+            # The log dir replaced by a file: the rotation the second line needs fails,
+            # and so does the reopen after it (for root too: ENOTDIR).
+            logs.rename(tmp_path / "away")
+            logs.write_text("")
+            child.say(second)
+            wait_until(lambda: f"cannot write {path}" in caplog.text, "the relay to report it")
+            logs.unlink()
+            (tmp_path / "away").rename(logs)
+            child.say("three")  # the same child, which never restarted
+            wait_until(lambda: "three" in text_of(path), "the relay to write again")
+        finally:
+            await child.end()
+
+    asyncio.run(scenario())
+    assert path.read_text() == first + "\nthree\n"  # what came during the fault is dropped
+    assert f"writing {path} again" in caplog.text
+
+
+def test_the_relay_never_follows_a_link_planted_at_its_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    logs = tmp_path / "logs"
+    ensure_logs_dir(logs)
+    path = logs / "runtime_stderr.log"
+    path.symlink_to(victim)
+
+    async def scenario() -> None:
+        child = EchoChild(path, LogsConfig())
+        try:
+            child.say("from the child")
+            wait_until(lambda: "is a symbolic link" in caplog.text, "the relay to refuse it")
+        finally:
+            await child.end()
+
+    asyncio.run(scenario())
+    assert victim.read_text() == "precious\n"
+    assert f"{path} is a symbolic link" in caplog.text and "remove the link" in caplog.text

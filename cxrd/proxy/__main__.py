@@ -198,7 +198,11 @@ async def run(args: argparse.Namespace, sock: socket.socket, tls: ssl.SSLContext
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.log, LogsConfig(max_bytes=args.log_max_bytes, keep=args.log_keep))
+    try:
+        setup_logging(args.log, LogsConfig(max_bytes=args.log_max_bytes, keep=args.log_keep))
+    except CxrdError as exc:  # wss.log is a link or another user's file
+        print(f"cxrd.proxy: {exc}", file=sys.stderr)
+        return exc.exit_code
     die_with_parent(args.parent_pid, supervised=args.listen_fd is not None)
     try:
         try:

@@ -4,6 +4,14 @@ Headset browsers are sent to the proxy's page to accept a self-signed
 certificate, so the generated one carries the names and addresses a headset
 may use for this host. Every problem is a StartFailed naming the file, never a
 traceback; nothing existing is ever overwritten.
+
+The generated pair lives in ``certs/`` under the install dir, a private
+directory of ours (:func:`cxrd.system.private.ensure_private_dir`: a link or
+another user's directory is refused, InvalidConfig), and its key is used only
+when it is a plain file of ours that nobody else can read or write (as OpenSSH
+treats its keys): one planted by someone else would let them read the
+headsets' traffic. A pair of the user's own (``proxy.cert``/``proxy.key``) is
+theirs to keep as they like.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from cryptography.x509.oid import NameOID
 from cxrd import constants as C
 from cxrd.errors import StartFailed
 from cxrd.system import addresses
+from cxrd.system.private import describe_user, ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +59,12 @@ def ensure_certificate(certs_dir: Path) -> tuple[Path, Path]:
     A pair there that expires within :data:`RENEW_DAYS` (or has expired) is
     cxrd's own and is renewed (:func:`renew_certificate`).
     """
+    ensure_certs_dir(certs_dir)
     cert = certs_dir / C.CERT_FILE
     key = certs_dir / C.KEY_FILE
-    have_cert, have_key = cert.exists(), key.exists()
+    have_cert, have_key = cert.exists(), key.is_symlink() or key.exists()
     if have_cert and have_key:
+        check_own_key(key, cert)
         if expires_soon(cert):
             renew_certificate(certs_dir)
         validate_pair(cert, key)
@@ -64,13 +75,39 @@ def ensure_certificate(certs_dir: Path) -> tuple[Path, Path]:
             f"{missing}: missing, but {present.name} is there; restore {missing.name}, "
             f"or remove {present} to have a new pair generated"
         )
-    try:
-        certs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        why = _why(exc)
-        raise StartFailed(f"{certs_dir}: cannot create the certificate directory: {why}") from None
     generate_pair(cert, key)
     return cert, key
+
+
+def ensure_certs_dir(certs_dir: Path) -> None:
+    """Make ``certs_dir`` or check it: a real directory of ours, 0700 (InvalidConfig if not)."""
+    ensure_private_dir(certs_dir, "the certificate directory", "its private key")
+
+
+def check_own_key(key: Path, cert: Path) -> None:
+    """StartFailed naming ``key`` unless it is a plain file of ours that only we can use."""
+    again = f"or remove {key} and {cert} to have a new pair generated"
+    try:
+        info = os.lstat(key)
+    except OSError as exc:
+        raise StartFailed(f"{key}: cannot read the private key: {_why(exc)}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise StartFailed(
+            f"{key} is a symbolic link; cxrd uses only a key file of its own there: "
+            f"put your own pair in proxy.cert and proxy.key, {again}"
+        )
+    if info.st_uid != os.getuid():
+        raise StartFailed(
+            f"{key} belongs to {describe_user(info.st_uid)}, not to "
+            f"{describe_user(os.getuid())}: cxrd does not use a key someone else put there; "
+            f"{again}"
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise StartFailed(
+            f"{key}: other users can read or change this private key (mode {mode:04o}); "
+            f"cxrd uses it only when they cannot: chmod 600 {key}, {again}"
+        )
 
 
 def generate_pair(cert: Path, key: Path, *, days: int = VALID_DAYS) -> None:
@@ -108,6 +145,7 @@ def generate_pair(cert: Path, key: Path, *, days: int = VALID_DAYS) -> None:
             out.write(key_pem)
         partial = cert.with_name(cert.name + ".partial")
         partial.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        partial.chmod(0o644)  # public, but never writable by others, whatever the umask
         partial.replace(cert)
     except OSError as exc:
         key.unlink(missing_ok=True)
@@ -130,6 +168,7 @@ def renew_certificate(certs_dir: Path) -> tuple[Path, Path]:
     Headsets trusted the old certificate, not this one: they must open the
     certificate page again. Logged as a warning for that reason.
     """
+    ensure_certs_dir(certs_dir)
     cert, key = certs_dir / C.CERT_FILE, certs_dir / C.KEY_FILE
     new_cert, new_key = cert.with_name(cert.name + ".new"), key.with_name(key.name + ".new")
     new_key.unlink(missing_ok=True)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from cxrd import constants as C
 from cxrd.config import Config, LogsConfig, ProxyConfig
-from cxrd.errors import StartFailed
 from cxrd.proxy.certs import ensure_certificate, expires_soon, validate_pair
 from cxrd.system.addresses import headset_urls
 from cxrd.system.listeners import bind_listener
+from cxrd.system.logfiles import ensure_logs_dir
 from cxrd.system.process import ChildSpec
 
 PROXY_STDERR_LOG = "wss.stderr.log"  # the proxy's own tracebacks, if any; wss.log is its log
@@ -129,10 +129,7 @@ def prepare_proxy(config: Config, keep: ProxyLaunch | None = None) -> ProxyLaunc
             else ""
         )
     logs = config.logs_dir
-    try:
-        logs.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StartFailed(f"{logs}: cannot create the log directory: {exc.strerror}") from None
+    ensure_logs_dir(logs)  # InvalidConfig naming it: a link, another user's, or unmakeable
     same_address = keep is not None and (keep.settings.host, keep.settings.port) == (
         settings.host,
         settings.port,

@@ -11,6 +11,7 @@ from cxrd import constants as C
 from cxrd.config import Config
 from cxrd.errors import InvalidConfig
 from cxrd.system.envfile import check_env_value
+from cxrd.system.logfiles import ensure_logs_dir
 from cxrd.system.process import ChildSpec
 from cxrd.system.rundir import ensure_run_dir
 
@@ -78,10 +79,10 @@ def pinned_env(config: Config) -> dict[str, str]:
 
 
 def ensure_dirs(config: Config) -> None:
-    """Create the run dir (0700, the run dir's one policy) and the logs dir."""
+    """Create the run dir and the logs dir: each a real directory of ours, 0700."""
     try:
         ensure_run_dir(config.run_dir)
-        config.logs_dir.mkdir(parents=True, exist_ok=True)
+        ensure_logs_dir(config.logs_dir)
     except OSError as exc:
         raise InvalidConfig(
             f"{config.source}: install_dir: cannot create {exc.filename}: {exc.strerror}"

@@ -33,12 +33,21 @@ No periodic check is needed: every writer whose file cxrd may rotate is
 checked at every write, and the only files that appear by themselves appear
 at a runtime start. ``tail -F`` (``cxrctl logs -f``) follows the name across a
 rotation.
+
+Logs name client addresses and session times: ``logs/`` is a private
+directory of ours (:func:`ensure_logs_dir`, 0700) and every file cxrd writes
+there is opened without following a link and made 0600
+(:func:`cxrd.system.private.open_private_file`). A relay that cannot open its
+file (a full disk, the directory gone, a link planted there) drops what comes
+and tries again at the next write, so it never stays dead until the child
+restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import logging.handlers
 import os
@@ -46,10 +55,22 @@ import threading
 from pathlib import Path
 
 from cxrd.config import LogsConfig
+from cxrd.errors import CxrdError
+from cxrd.system.private import ensure_private_dir, open_private_file
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 65536
+
+
+def ensure_logs_dir(logs: Path) -> None:
+    """Make ``logs`` or check it: a real directory of ours, 0700 (InvalidConfig if not)."""
+    ensure_private_dir(logs, "the log directory", "its logs")
+
+
+def open_log(path: Path) -> int:
+    """An fd appending to ``path``, 0600, never through a link (InvalidConfig naming it)."""
+    return open_private_file(path, os.O_WRONLY | os.O_APPEND)
 
 
 def rotated(path: Path, index: int) -> Path:
@@ -147,7 +168,11 @@ def _settle(done: asyncio.Future[None]) -> None:
 
 
 class _Appender:
-    """Appends to ``path``, rotating at a line end before it would pass ``max_bytes``."""
+    """Appends to ``path``, rotating at a line end before it would pass ``max_bytes``.
+
+    A write that finds no open file opens it first: after a failed open or
+    rotation, the next write tries again.
+    """
 
     def __init__(self, path: Path, limits: LogsConfig) -> None:
         self._path = path
@@ -158,26 +183,37 @@ class _Appender:
 
     def drain(self, read_fd: int) -> None:
         try:
-            self._open()
-            if self._size >= self._limits.max_bytes:
-                self._rotate()
+            self._open()  # the file is there from the child's start, as `tail -F` expects
             while data := os.read(read_fd, _CHUNK):
                 self._write(data)
         finally:
-            if self._fd >= 0:
-                os.close(self._fd)
+            self._close()
 
-    def _open(self) -> None:
+    def _open(self) -> bool:
+        """Whether the file is open, opening it if not."""
+        if self._fd >= 0:
+            return True
         try:
-            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            self._size = os.fstat(self._fd).st_size
+            fd = open_log(self._path)
+        except (OSError, CxrdError) as exc:
+            self._fail(exc)
+            return False
+        self._fd = fd
+        try:
+            self._size = os.fstat(fd).st_size
         except OSError as exc:
             self._fail(exc)
+            self._close()
+            return False
+        return True
 
-    def _rotate(self) -> None:
+    def _close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def _rotate(self) -> None:
+        self._close()
         try:
             rotate(self._path, self._limits.keep)
         except OSError as exc:
@@ -185,6 +221,8 @@ class _Appender:
         self._open()
 
     def _write(self, data: bytes) -> None:
+        if not self._open():
+            return  # dropped; the next write tries again
         room = max(0, self._limits.max_bytes - self._size)
         if len(data) > room and self._size > 0:
             cut = data.rfind(b"\n", 0, room) + 1  # 0: no line end fits, all goes to the next
@@ -203,14 +241,25 @@ class _Appender:
                 return
             self._size += written
             view = view[written:]
+        if self._failed and not view:
+            self._failed = False
+            log.info("writing %s again", self._path)
 
-    def _fail(self, exc: OSError) -> None:
+    def _fail(self, exc: OSError | CxrdError) -> None:
         if not self._failed:
             self._failed = True
-            log.warning("cannot write %s: %s; dropping what is written there", self._path, exc)
+            log.warning(
+                "cannot write %s: %s; dropping what is written there until it can be",
+                self._path,
+                exc,
+            )
 
 
 class _RotatingHandler(logging.handlers.RotatingFileHandler):
+    def _open(self) -> io.TextIOWrapper:
+        fd = open_log(Path(self.baseFilename))
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
     def doRollover(self) -> None:
         if self.stream:
             self.stream.close()
@@ -219,7 +268,10 @@ class _RotatingHandler(logging.handlers.RotatingFileHandler):
 
 
 def rotating_handler(path: Path, limits: LogsConfig) -> logging.Handler:
-    """A handler for a log we write ourselves: rotates before a record passes the size."""
+    """A handler for a log we write ourselves: rotates before a record passes the size.
+
+    InvalidConfig when ``path`` is a link or another user's file (:func:`open_log`).
+    """
     return _RotatingHandler(
         path, maxBytes=limits.max_bytes, backupCount=limits.keep, encoding="utf-8"
     )
