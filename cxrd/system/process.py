@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from cxrd.config import LogsConfig
 from cxrd.errors import StartFailed
-from cxrd.system.logfiles import Relay
+from cxrd.system.logfiles import Relay, ensure_logs_dir, open_log
 
 if TYPE_CHECKING:
     from cxrd.system.reaper import OrphanReaper
@@ -204,12 +204,13 @@ class ProcessLauncher:
 
     async def spawn(self, spec: ChildSpec) -> Child:
         env = {k: v for k, v in spec.env.items() if k not in _DAEMON_ONLY_ENV}
-        spec.stderr.parent.mkdir(parents=True, exist_ok=True)
+        ensure_logs_dir(spec.stderr.parent)
         relay = None if spec.stderr_limits is None else Relay(spec.stderr, spec.stderr_limits)
         with contextlib.ExitStack() as stack:
             stack.enter_context(self._spawning())
             if relay is None:
-                stderr = stack.enter_context(open(spec.stderr, "ab")).fileno()
+                stderr = open_log(spec.stderr)  # 0600, never through a link
+                stack.callback(os.close, stderr)
             else:
                 stderr = relay.write_fd
             try:
