@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from cxrd import constants as C
 from cxrd.errors import InvalidConfig
@@ -40,6 +41,9 @@ class ProxyConfig:
     host_client: bool = True  # serve the web client at /client/
     client_dir: str | None = None  # None: $TELEOP_WEB_CLIENT_STATIC_DIR, else <install>/...
     allow: tuple[str, ...] = ()  # addresses and CIDR networks that may connect; () = everyone
+    # Web pages (origins) that may open a WebSocket or read /healthz, besides the proxy's
+    # own pages and isaacteleop's published client; "*" allows any page.
+    origins: tuple[str, ...] = ()
 
 
 def allow_network(text: str) -> Network:
@@ -61,12 +65,51 @@ def allow_network(text: str) -> Network:
     return network
 
 
+ANY_ORIGIN = "*"
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+def origin_entry(text: str) -> str:
+    """One ``proxy.origins`` entry as browsers send it in ``Origin``; ValueError saying why not.
+
+    ``scheme://host[:port]``: lowercase, the scheme's default port left out,
+    no path (an origin has none; a pasted page URL is refused, naming its
+    origin). ``"*"`` stays as it is.
+    """
+    if text == ANY_ORIGIN:
+        return text
+    origin = normal_origin(text)
+    if origin is not None:
+        return origin
+    netloc = text.split("://", 1)[1].split("/", 1)[0] if "://" in text else ""
+    base = normal_origin(text.split("://", 1)[0] + "://" + netloc) if netloc else None
+    if base is not None:
+        raise ValueError(f"{text!r} is a page, not an origin (which has no path): {base!r}")
+    raise ValueError(f"{text!r} is not an origin (https://host or https://host:port)")
+
+
+def normal_origin(text: str) -> str | None:
+    """``text`` as a browser serialises an origin, or None if it is not one."""
+    try:
+        split = urlsplit(text)
+        port = split.port
+    except ValueError:
+        return None
+    scheme, host = split.scheme.lower(), split.hostname
+    if scheme not in _DEFAULT_PORTS or not host or split.username or split.password:
+        return None
+    if split.path not in ("", "/") or split.query or split.fragment or "%" in host:
+        return None
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}" + ("" if port in (None, _DEFAULT_PORTS[scheme]) else f":{port}")
+
+
 def _entry_text(network: Network) -> str:
     return str(network.network_address) if network.num_addresses == 1 else str(network)
 
 
 def checked_proxy(proxy: ProxyConfig, src: str) -> ProxyConfig:
-    """``proxy`` with its ``allow`` entries normalised; InvalidConfig names a bad key."""
+    """``proxy`` with ``allow`` and ``origins`` normalised; InvalidConfig names a bad key."""
     positive: dict[str, float] = {
         "max_message_size": proxy.max_message_size,
         "max_connections": proxy.max_connections,
@@ -88,4 +131,10 @@ def checked_proxy(proxy: ProxyConfig, src: str) -> ProxyConfig:
             allow.append(_entry_text(allow_network(entry)))
         except ValueError as exc:
             raise InvalidConfig(f"{src}: proxy.allow: {exc}") from None
-    return dataclasses.replace(proxy, allow=tuple(allow))
+    origins: list[str] = []
+    for entry in proxy.origins:
+        try:
+            origins.append(origin_entry(entry))
+        except ValueError as exc:
+            raise InvalidConfig(f"{src}: proxy.origins: {exc}") from None
+    return dataclasses.replace(proxy, allow=tuple(allow), origins=tuple(origins))

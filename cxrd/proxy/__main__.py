@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cxrd import constants as C
 from cxrd.config import LogsConfig
+from cxrd.config_proxy import origin_entry
 from cxrd.errors import CxrdError, StartFailed
 from cxrd.proxy.events import READY_LINE, SessionEvent, encode
 from cxrd.proxy.server import Network, ProxyOptions, ProxyServer, server_tls_context
@@ -71,6 +72,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ping-timeout", type=_positive_float, default=defaults.ping_timeout)
     parser.add_argument("--client-dir", type=Path, help="serve the web client from here")
     parser.add_argument(
+        "--send-timeout",
+        type=_positive_float,
+        default=defaults.send_timeout,
+        help="drop a client that takes none of an answer for this many seconds",
+    )
+    parser.add_argument(
+        "--origin",
+        action="append",
+        default=[],
+        type=_origin,
+        help="a web page origin that may connect besides the proxy's own pages and "
+        "https://nvidia.github.io (repeatable; * for any)",
+    )
+    parser.add_argument(
         "--allow",
         action="append",
         default=[],
@@ -92,6 +107,13 @@ def _network(text: str) -> Network:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an address or CIDR network: {text}") from None
+
+
+def _origin(text: str) -> str:
+    try:
+        return origin_entry(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -186,6 +208,8 @@ async def run(args: argparse.Namespace, sock: socket.socket, tls: ssl.SSLContext
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
         client_dir=args.client_dir,
+        send_timeout=args.send_timeout,
+        origins=tuple(args.origin),
         allow=tuple(args.allow),
     )
     reporter = Reporter(args.ready_fd)

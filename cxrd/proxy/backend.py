@@ -32,14 +32,18 @@ class BackendConn(asyncio.Protocol):
     """The backend leg until its handshake completes."""
 
     def __init__(
-        self, request: Request, offered: Sequence[Subprotocol], options: ProxyOptions
+        self,
+        request: Request,
+        offered: Sequence[Subprotocol],
+        options: ProxyOptions,
+        client_ip: str,
     ) -> None:
         self.protocol = ClientProtocol(
             parse_uri(f"{options.backend_url}/"), subprotocols=offered or None, max_size=None
         )
         ours = self.protocol.connect()
         headers = ours.headers
-        for name, value in http.end_to_end_headers(request):
+        for name, value in http.end_to_end_headers(request, client_ip):
             headers[name] = value
         self.protocol.send_request(Request(request.path, headers))
         self.request_bytes = b"".join(self.protocol.data_to_send())

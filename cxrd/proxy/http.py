@@ -6,19 +6,20 @@ certificate page is a constant, errors are fixed texts.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import unicodedata
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-CORS_HEADERS: Mapping[str, str] = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Headers": "*",
-    "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
-    "Access-Control-Expose-Headers": "*",
-}
+from cxrd.config_proxy import ANY_ORIGIN, normal_origin
+
+# isaacteleop's published web client (GitHub Pages): it opens the WebSocket from there.
+PUBLISHED_CLIENT_ORIGIN = "https://nvidia.github.io"
 
 HEALTH_PATH = "/healthz"
 
@@ -35,7 +36,9 @@ CERT_PAGE = (
 )
 
 # Never forwarded to the backend: hop-by-hop headers (RFC 9110 §7.6.1), the
-# ones the backend leg computes itself, and every Sec-WebSocket-* header.
+# ones the backend leg computes itself, every Sec-WebSocket-* header, and the
+# client's claims about where it comes from (the proxy says that itself, in
+# X-Forwarded-For).
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -49,8 +52,87 @@ HOP_BY_HOP = frozenset(
         "upgrade",
         "host",
         "content-length",
+        "forwarded",
+        "x-real-ip",
     }
 )
+
+# Bidirectional formatting characters (Unicode category Cf, but they reorder what a
+# terminal shows, the "Trojan Source" trick); C0, DEL and C1 are category Cc.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def terminal_safe(text: str, limit: int) -> str:
+    """Network text (a header, a path) as it may enter a log, D-Bus or a terminal.
+
+    Header bytes arrive decoded as ISO-8859-1; UTF-8 among them is decoded as
+    such. Control characters (C0, DEL, C1 such as U+009B, the 8-bit CSI),
+    bidirectional controls and line or paragraph separators are dropped;
+    at most ``limit`` characters are kept.
+    """
+    with contextlib.suppress(UnicodeEncodeError):  # else already decoded beyond Latin-1
+        text = text.encode("latin-1").decode("utf-8", "replace")
+    kept = (
+        c
+        for c in text
+        if c not in _BIDI and unicodedata.category(c) not in ("Cc", "Zl", "Zp", "Cs")
+    )
+    return "".join(kept)[:limit]
+
+
+@dataclass(frozen=True)
+class Origins:
+    """Which web pages may open a WebSocket through the proxy or read ``/healthz``.
+
+    The proxy's own pages (an ``Origin`` that is ``https://`` plus the request's
+    own ``Host``: the page came from this very proxy, under whatever address
+    or name the browser used, every URL ``cxrctl url`` prints included),
+    isaacteleop's published client, and what ``proxy.origins`` adds (``*``:
+    any page). A request without ``Origin`` is not a browser's page and passes.
+    """
+
+    extra: frozenset[str] = frozenset()  # normalised proxy.origins entries
+
+    def allows(self, request: Request) -> bool:
+        origins = request.headers.get_all("Origin")
+        if not origins:
+            return True
+        if len(origins) > 1:
+            return False
+        if ANY_ORIGIN in self.extra:
+            return True
+        origin = normal_origin(origins[0])
+        if origin is None:
+            return False  # "null" (a sandboxed frame, a file://) or malformed
+        if origin == PUBLISHED_CLIENT_ORIGIN or origin in self.extra:
+            return True
+        hosts = request.headers.get_all("Host")
+        return len(hosts) == 1 and origin == normal_origin(f"https://{hosts[0]}")
+
+
+class Throttle:
+    """Lets one event pass per ``interval`` seconds (a log line); counts those held back."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next = float("-inf")
+        self._held = 0
+
+    def passes(self, now: float) -> int | None:
+        """None to hold this one back; else how many were held back since the last one."""
+        if now < self._next:
+            self._held += 1
+            return None
+        held, self._held, self._next = self._held, 0, now + self.interval
+        return held
+
+
+def cors(request: Request) -> dict[str, str]:
+    """CORS headers naming the request's (allowed) origin, or none without ``Origin``."""
+    origin = request.headers.get_all("Origin")
+    if len(origin) != 1:
+        return {}
+    return {"Access-Control-Allow-Origin": origin[0], "Vary": "Origin"}
 
 
 def is_upgrade(request: Request) -> bool:
@@ -62,7 +144,7 @@ def is_upgrade(request: Request) -> bool:
 
 
 def is_preflight(request: Request) -> bool:
-    return request.method == "OPTIONS" or "Access-Control-Request-Method" in request.headers
+    return request.method == "OPTIONS"
 
 
 def route_path(request: Request) -> str:
@@ -70,20 +152,25 @@ def route_path(request: Request) -> str:
     return request.path.split("?", 1)[0]
 
 
-def end_to_end_headers(request: Request) -> list[tuple[str, str]]:
-    """The client's headers a backend may see: not hop-by-hop, not Sec-WebSocket-*."""
+def end_to_end_headers(request: Request, client_ip: str) -> list[tuple[str, str]]:
+    """The client's headers a backend may see, then ``X-Forwarded-For: client_ip``.
+
+    Not hop-by-hop, not Sec-WebSocket-*, not the client's own Forwarded,
+    X-Forwarded-* or X-Real-IP: only the proxy knows where the client is.
+    """
     named = {
         token.strip().lower()
         for value in request.headers.get_all("Connection")
         for token in value.split(",")
     }
-    return [
+    kept = [
         (name, value)
         for name, value in request.headers.raw_items()
         if (lowered := name.lower()) not in HOP_BY_HOP
         and lowered not in named
-        and not lowered.startswith("sec-websocket-")
+        and not lowered.startswith(("sec-websocket-", "x-forwarded-"))
     ]
+    return [*kept, ("X-Forwarded-For", client_ip)]
 
 
 def response(
@@ -96,7 +183,7 @@ def response(
     head_only: bool = False,
     length: int | None = None,
 ) -> bytes:
-    """A whole HTTP/1.1 response that closes the connection, CORS headers included.
+    """A whole HTTP/1.1 response that closes the connection.
 
     ``extra`` adds headers or replaces the defaults; ``length`` is the
     Content-Length a HEAD answer announces when ``body`` was not read.
@@ -107,7 +194,6 @@ def response(
         "Cache-Control": "no-store",
         "X-Content-Type-Options": "nosniff",
         "Connection": "close",
-        **CORS_HEADERS,
         **(extra or {}),
     }
     return Response(status, reason, Headers(headers), b"" if head_only else body).serialize()
@@ -124,24 +210,33 @@ def forbidden() -> bytes:
     return error(403, "Forbidden", "This address may not use this proxy.")
 
 
-def cert_page(*, head_only: bool = False) -> bytes:
+def foreign_origin() -> bytes:
+    return error(403, "Forbidden", "This web page may not use this proxy (proxy.origins).")
+
+
+def cert_page(*, head_only: bool = False, extra: Mapping[str, str] | None = None) -> bytes:
+    csp = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"}
     return response(
         200,
         "OK",
         CERT_PAGE,
         "text/html; charset=utf-8",
-        extra={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},
+        extra={**csp, **(extra or {})},
         head_only=head_only,
     )
 
 
-def preflight() -> bytes:
-    return response(200, "OK", b"OK", "text/plain; charset=utf-8")
+def preflight(request: Request) -> bytes:
+    """A browser's CORS preflight from an allowed origin: GET and HEAD, no extra headers."""
+    allowed = {**cors(request), "Access-Control-Allow-Methods": "GET, HEAD"}
+    return response(200, "OK", b"", "text/plain; charset=utf-8", extra=allowed)
 
 
-def health(report: Mapping[str, Any], *, head_only: bool = False) -> bytes:
+def health(
+    report: Mapping[str, Any], *, head_only: bool = False, extra: Mapping[str, str] | None = None
+) -> bytes:
     body = json.dumps(dict(report), sort_keys=True).encode() + b"\n"
-    return response(200, "OK", body, "application/json", head_only=head_only)
+    return response(200, "OK", body, "application/json", head_only=head_only, extra=extra)
 
 
 def error(status: int, reason: str, text: str, *, extra: Mapping[str, str] | None = None) -> bytes:

@@ -89,6 +89,7 @@ class ProxyLaunch:
             repr(s.ping_timeout),
             *(("--client-dir", str(self.client_dir)) if self.client_dir is not None else ()),
             *(arg for entry in s.allow for arg in ("--allow", entry)),
+            *(arg for entry in s.origins for arg in ("--origin", entry)),
         )
         return ChildSpec(
             name="proxy",

@@ -7,8 +7,11 @@ it reads with one ``write`` and only reads frame headers, to know where frames
 end (the proxy may insert a frame only there), to bound message sizes, to
 check masking and to see close frames. Close frames pass through, so close
 codes and reasons reach the other side unchanged. The proxy writes frames of
-its own only to ping the client and to close a side (backend gone, oversize
-message, shutdown).
+its own only to ping the client, to answer the client's pings (they never
+reach the runtime: a client cannot make the proxy feed it a ping flood, and
+pongs go back at most one per :data:`PONG_INTERVAL`, to the latest ping, as
+RFC 6455 §5.5.3 allows) and to close a side (backend gone, oversize message,
+shutdown).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from collections.abc import Callable
 from cxrd.proxy import frames as F
 
 log = logging.getLogger("cxrd.proxy")
+
+PONG_INTERVAL = 0.1  # at most ten pongs a second to one client
+PONG_BUFFER_LIMIT = 64 * 1024  # a client this far behind in reading gets no pong now
 
 
 class Half(asyncio.Protocol):
@@ -44,6 +50,7 @@ class Half(asyncio.Protocol):
         "session",
         "src",
         "stop_after_pending",
+        "swallow",
     )
 
     def __init__(
@@ -72,6 +79,7 @@ class Half(asyncio.Protocol):
         self.close_forwarded = False
         self._capture: bytearray | None = None
         self._capture_key = b""
+        self.swallow = False  # the captured frame (a client's ping) is not forwarded
 
     # asyncio.Protocol ------------------------------------------------------
 
@@ -152,6 +160,8 @@ class Half(asyncio.Protocol):
                 if pos + rem > n:
                     if self._capture is not None:
                         self._capture += data[pos:]
+                    if self.swallow:
+                        start = n
                     rem -= n - pos
                     pos = n
                     break
@@ -202,7 +212,10 @@ class Half(asyncio.Protocol):
             elif F.OP_CLOSE <= opcode <= F.OP_PONG:
                 if length > F.MAX_CONTROL_PAYLOAD or not b0 & 0x80:
                     problem = "fragmented or oversized control frame"
-                elif opcode == F.OP_CLOSE:
+                elif opcode == F.OP_CLOSE or (opcode == F.OP_PING and self.from_client):
+                    if opcode == F.OP_PING:
+                        start = self._stop(data, start, pos)
+                        self.swallow = True
                     self._capture = bytearray()
                     self._capture_key = data[pos + hlen - 4 : pos + hlen] if masked else b""
             else:
@@ -233,7 +246,7 @@ class Half(asyncio.Protocol):
         capture = self._capture
         if capture is None and not self.pending:
             return start
-        if self.forward and start < pos:
+        if self.forward and start < pos and not self.swallow:
             self.out.write(data[start:pos])  # type: ignore[union-attr]
         start = pos
         if capture is not None:
@@ -241,7 +254,10 @@ class Half(asyncio.Protocol):
             payload = bytes(capture)
             if self._capture_key:
                 payload = F.apply_mask(payload, self._capture_key)
-            if self.close_code is None:
+            if self.swallow:
+                self.swallow = False
+                self.session.client_ping(payload)
+            elif self.close_code is None:
                 self.close_code, self.close_reason = F.parse_close(payload)
                 self.close_forwarded = self.forward
                 self.session.close_seen(self)
@@ -280,6 +296,9 @@ class Session:
         self.b2c = Half(self, None, client, from_client=False, max_size=None)
         self._timer: asyncio.TimerHandle | None = None
         self._ping: asyncio.TimerHandle | None = None
+        self._pong: asyncio.TimerHandle | None = None
+        self._pong_payload: bytes | None = None  # the latest client ping not yet answered
+        self._pong_next = 0.0  # loop time before which no pong goes out
 
     def attach_backend(self, backend: asyncio.Transport) -> None:
         self.backend = backend
@@ -336,6 +355,25 @@ class Session:
                     self.fail(F.CLOSE_INTERNAL_ERROR, "backend went away")
         if not self.client_open and not self.backend_open:
             self._finish()
+
+    def client_ping(self, payload: bytes) -> None:
+        """A client's ping: answered here, the latest one only, at most one per PONG_INTERVAL."""
+        self._pong_payload = payload
+        if self._pong is None:
+            self._send_pong()
+
+    def _send_pong(self) -> None:
+        self._pong = None
+        if self._pong_payload is None or not self.client_open or self.b2c.stop_after_pending:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._pong_next - loop.time()
+        if wait > 0:
+            self._pong = loop.call_later(wait, self._send_pong)
+        elif self.client.get_write_buffer_size() <= PONG_BUFFER_LIMIT:
+            self._pong_next = loop.time() + PONG_INTERVAL
+            payload, self._pong_payload = self._pong_payload, None
+            self.b2c.inject(F.encode_frame(F.OP_PONG, payload, mask=False))
 
     # Closing -----------------------------------------------------------------
 
@@ -411,7 +449,7 @@ class Session:
         if self.done:
             return
         self.done = True
-        for handle in (self._timer, self._ping):
+        for handle in (self._timer, self._ping, self._pong):
             if handle is not None:
                 handle.cancel()
         self.on_done(self)

@@ -13,7 +13,6 @@ fast on a small machine.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import logging
 import os
@@ -42,6 +41,7 @@ from cxrd.system.listeners import LISTEN_BACKLOG
 log = logging.getLogger("cxrd.proxy")
 
 HEALTH_PROBE_TIMEOUT = 1.0
+REFUSAL_LOG_INTERVAL = 10.0  # one line per this many seconds about refused origins
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -58,6 +58,8 @@ class ProxyOptions:
     close_timeout: float = 5.0
     client_dir: Path | None = None  # serve the web client from here at /client/
     allow: tuple[Network, ...] = ()  # who may connect; () = everyone
+    origins: tuple[str, ...] = ()  # proxy.origins, normalised: more web pages that may connect
+    send_timeout: float = 10.0  # a client that takes none of an answer for this long is dropped
 
     @property
     def backend_url(self) -> str:
@@ -93,6 +95,8 @@ class ProxyServer:
         self._conns: set[ClientConn] = set()
         self._report = report  # headset sessions, to the daemon
         self.headsets: dict[Session, Headset] = {}
+        self.origins = http.Origins(frozenset(options.origins))
+        self.origin_log = http.Throttle(REFUSAL_LOG_INTERVAL)
         self._server: asyncio.Server | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -191,7 +195,9 @@ class ProxyServer:
     def headset_opened(self, session: Session, user_agent: str) -> None:
         """A session reached the runtime's signaling: a headset is there."""
         host = session.peer.rsplit(":", 1)[0].strip("[]")
-        headset = Headset(uuid.uuid4().hex[:12], host, user_agent, session.path, time.time())
+        agent = http.terminal_safe(user_agent, events.MAX_USER_AGENT)
+        path = http.terminal_safe(session.path, events.MAX_USER_AGENT)
+        headset = Headset(uuid.uuid4().hex[:12], host, agent, path, time.time())
         self.headsets[session] = headset
         if self._report is not None:
             self._report(events.Opened(headset))
@@ -232,6 +238,7 @@ class ClientConn(asyncio.Protocol):
         self.response: Response | None = None
         self.task: asyncio.Task[None] | None = None
         self.answered = False
+        self.flow = static.Flow()
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -267,6 +274,12 @@ class ClientConn(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return None
 
+    def pause_writing(self) -> None:
+        self.flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.flow.resume_writing()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._conns.discard(self)
         if self._timer is not None:
@@ -298,21 +311,35 @@ class ClientConn(asyncio.Protocol):
             return
         request = received[0]
         path = http.route_path(request)
+        client_file = self.server.options.client_dir is not None and static.is_client_path(path)
+        # Only a page's WebSocket and /healthz need its Origin checked (others are no
+        # secret); CORS headers only where a page may read the answer.
+        checked = http.is_upgrade(request) or path == http.HEALTH_PATH or http.is_preflight(request)
         if not self.server.admits(self.transport):
             log.warning("client=%s refused: not in proxy.allow", self.peer)
             self._answer(http.forbidden(), request, 403)
+        elif checked and not client_file and not self.server.origins.allows(request):
+            if (held := self.server.origin_log.passes(time.monotonic())) is not None:
+                origin = http.terminal_safe(", ".join(request.headers.get_all("Origin")), 200)
+                more = f" ({held} more since the last such line)" if held else ""
+                log.warning("client=%s refused: Origin %r not allowed%s", self.peer, origin, more)
+            self._answer(http.foreign_origin(), request, 403)
         elif http.is_preflight(request):
-            self._answer(http.preflight(), request, 200)
+            if client_file or "Origin" not in request.headers:
+                self._answer(http.method_not_allowed(), request, 405)
+            else:
+                self._answer(http.preflight(request), request, 200)
         elif http.is_upgrade(request):
             self._upgrade(protocol, request)
         elif request.method in ("GET", "HEAD"):
             head_only = request.method == "HEAD"
             if path == http.HEALTH_PATH:
                 self._work(self._health(request, head_only))
-            elif self.server.options.client_dir is not None and static.is_client_path(path):
+            elif client_file:
                 self._work(self._static(request, head_only))
             else:
-                self._answer(http.cert_page(head_only=head_only), request, 200)
+                cors = http.cors(request) if self.server.origins.allows(request) else {}
+                self._answer(http.cert_page(head_only=head_only, extra=cors), request, 200)
         else:
             self._answer(http.method_not_allowed(), request, 405)
 
@@ -323,10 +350,15 @@ class ClientConn(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        assert self.transport is not None
-        if not self.transport.is_closing():
-            self.transport.write(data)
-            self.transport.close()
+        transport = self.transport
+        assert transport is not None
+        if not transport.is_closing():
+            if data:
+                transport.write(data)
+            transport.close()
+            # A client that never reads would hold the rest of the answer: bounded.
+            send_timeout = self.server.options.send_timeout
+            self._timer = asyncio.get_running_loop().call_later(send_timeout, transport.abort)
         if request is not None:
             log.info(
                 "client=%s http %s path=%r status=%d",
@@ -346,13 +378,20 @@ class ClientConn(asyncio.Protocol):
             self.abandon()
 
     async def _static(self, request: Request, head_only: bool) -> None:
-        root = self.server.options.client_dir
-        assert root is not None
-        loop = asyncio.get_running_loop()
-        read = functools.partial(static.serve, root, request.path, head_only=head_only)
-        answer = await loop.run_in_executor(None, read)
+        options = self.server.options
+        assert options.client_dir is not None and self.transport is not None
+        try:
+            answer = await static.respond(
+                self.transport, self.flow, options.client_dir, request.path, head_only=head_only,
+                timeout=options.send_timeout,
+            )  # fmt: skip
+        except (TimeoutError, OSError) as exc:
+            why = str(exc) or f"took nothing for {options.send_timeout:g} s"
+            log.info("client=%s %r: dropped: %s", self.peer, http.route_path(request), why)
+            self.transport.abort()
+            return
         if answer.note:
-            log.info("client=%s %s: %s", self.peer, http.route_path(request), answer.note)
+            log.info("client=%s %r: %s", self.peer, http.route_path(request), answer.note)
         self._answer(answer.data, request, answer.status)
 
     async def _health(self, request: Request, head_only: bool) -> None:
@@ -403,7 +442,8 @@ class ClientConn(asyncio.Protocol):
                     for value in request.headers.get_all("Sec-WebSocket-Protocol")
                     for subprotocol in parse_subprotocol(value)
                 ]
-                leg = backend = BackendConn(request, offered, options)
+                client_ip = self.peer.rsplit(":", 1)[0].strip("[]")
+                leg = backend = BackendConn(request, offered, options, client_ip)
                 async with asyncio.timeout(options.open_timeout):
                     await loop.create_connection(
                         lambda: leg, options.backend_host, options.backend_port
@@ -445,8 +485,6 @@ class ClientConn(asyncio.Protocol):
         response = self.response
         if subprotocol:
             response.headers["Sec-WebSocket-Protocol"] = subprotocol
-        for name, value in http.CORS_HEADERS.items():
-            response.headers[name] = value
         session = Session(
             client=client,
             peer=self.peer,

@@ -5,14 +5,26 @@ segment is empty, ``.``, ``..`` or carries a NUL or a backslash; the file it
 names is then resolved (symlinks followed) and must still lie inside the
 resolved directory, so neither ``%2e%2e`` nor a symlink leads out. Only
 regular files up to :data:`MAX_FILE_SIZE` are served; a directory is never
-listed.
+listed, and every path that opened something closes it.
+
+A file is streamed (:func:`send`), :data:`CHUNK` bytes at a time, each only
+once the connection has taken the previous ones (the transport's write
+flow control); a client that takes nothing for the send timeout is dropped.
+So a client that never reads holds at most about a chunk and the transport's
+buffer, never the file. (``sendfile`` cannot serve here: TLS is done in
+user space, :mod:`cxrd.proxy.tls`.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import io
 import mimetypes
 import os
 import stat
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -22,6 +34,7 @@ from cxrd.proxy import http
 PREFIX = "/client"
 MAX_FILE_SIZE = 32 * 1024 * 1024  # what isaacteleop allows one client file to be
 INDEX = "index.html"
+CHUNK = 32 * 1024  # per read and write; the transport pauses us past 64 KiB buffered
 
 # Types the client's files need, whatever the host's mime.types says.
 TYPES = {
@@ -65,12 +78,22 @@ def is_client_path(path: str) -> bool:
 @dataclass(frozen=True)
 class Answer:
     status: int
-    data: bytes  # the whole response
+    data: bytes  # the whole response, or its head when ``file`` follows
     note: str = ""  # why, for the log, when refused
+    file: io.FileIO | None = None  # a regular file whose first ``length`` bytes are the body
+    length: int = 0
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def serve(root: Path, target: str, *, head_only: bool) -> Answer:
-    """The response to GET/HEAD ``target`` (path and query) under ``/client``. Blocking."""
+    """The response to GET/HEAD ``target`` (path and query) under ``/client``. Blocking.
+
+    A 200 to GET carries the open file: the caller sends it (:func:`send`) and
+    closes it (:meth:`Answer.close`).
+    """
     path, _, query = target.partition("?")
     if path == PREFIX:
         location = PREFIX + "/" + (f"?{query}" if query else "")
@@ -95,27 +118,109 @@ def serve(root: Path, target: str, *, head_only: bool) -> Answer:
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return Answer(404, _not_found())
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            return Answer(404, _not_found())
+            return Answer(404, _not_found(), "not a regular file")
         if info.st_size > MAX_FILE_SIZE:
             return Answer(404, _not_found(), f"larger than {MAX_FILE_SIZE} bytes")
-        body = b"" if head_only else file.read(MAX_FILE_SIZE + 1)
-    if len(body) > MAX_FILE_SIZE:
-        return Answer(404, _not_found(), f"larger than {MAX_FILE_SIZE} bytes")
-    kind = content_type(real.name)
-    cache = HTML_CACHE if kind.startswith("text/html") else ASSET_CACHE
-    data = http.response(
-        200,
-        "OK",
-        body,
-        kind,
-        extra={"Cache-Control": cache},
-        head_only=head_only,
-        length=info.st_size,
+        kind = content_type(real.name)
+        cache = HTML_CACHE if kind.startswith("text/html") else ASSET_CACHE
+        head = http.response(
+            200,
+            "OK",
+            b"",
+            kind,
+            extra={"Cache-Control": cache},
+            head_only=True,
+            length=info.st_size,
+        )
+        if head_only:
+            return Answer(200, head)
+        file = io.FileIO(fd, "rb", closefd=True)
+        fd = -1  # the file owns it now
+        return Answer(200, head, file=file, length=info.st_size)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def discard(future: Future[Answer] | asyncio.Future[Answer]) -> None:
+    """Done-callback of a :func:`serve` whose requester is gone: close what it opened."""
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
+
+
+class Flow:
+    """A connection's write flow control, as its protocol hears it, for :func:`send`."""
+
+    def __init__(self) -> None:
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+
+async def respond(
+    transport: asyncio.Transport,
+    flow: Flow,
+    root: Path,
+    target: str,
+    *,
+    head_only: bool,
+    timeout: float,
+) -> Answer:
+    """Serve ``target``: a file is sent here and the answer returned has nothing left
+    to write; anything else (a 404, a redirect, a HEAD) is returned to be written.
+
+    TimeoutError or OSError as :func:`send`; whatever was opened is closed on
+    every path, a cancellation included.
+    """
+    loop = asyncio.get_running_loop()
+    opening = loop.run_in_executor(
+        None, functools.partial(serve, root, target, head_only=head_only)
     )
-    return Answer(200, data)
+    try:
+        answer = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(discard)  # the client left: close what it opens
+        raise
+    with contextlib.closing(answer):
+        if answer.file is not None:
+            await send(transport, flow, answer, timeout)
+            return Answer(answer.status, b"", answer.note)
+    return answer
+
+
+async def send(transport: asyncio.Transport, flow: Flow, answer: Answer, timeout: float) -> None:
+    """Write ``answer``: its head, then its file a chunk at a time as the client takes it.
+
+    TimeoutError when the client takes nothing for ``timeout`` seconds; OSError
+    if the file shrank meanwhile (the client then sees a short body).
+    """
+    loop = asyncio.get_running_loop()
+    transport.write(answer.data)
+    file = answer.file
+    assert file is not None
+    offset = 0
+    while offset < answer.length:
+        if not flow.writable.is_set():
+            async with asyncio.timeout(timeout):
+                await flow.writable.wait()
+        size = min(CHUNK, answer.length - offset)
+        chunk = await loop.run_in_executor(None, _read, file, size, offset)
+        if not chunk:
+            raise OSError(f"the file shrank to {offset} bytes while being sent")
+        transport.write(chunk)
+        offset += len(chunk)
+
+
+def _read(file: io.FileIO, size: int, offset: int) -> bytes:
+    return os.pread(file.fileno(), size, offset)
 
 
 def content_type(name: str) -> str:
