@@ -35,7 +35,7 @@ from cxrd.proxy import events, http, static
 from cxrd.proxy import frames as F
 from cxrd.proxy.backend import MAX_HEAD, BackendConn, BackendRejected
 from cxrd.proxy.relay import Session
-from cxrd.proxy.tls import TlsServer
+from cxrd.proxy.tls import TLS12_CIPHERS, TlsServer
 from cxrd.system.listeners import LISTEN_BACKLOG
 
 log = logging.getLogger("cxrd.proxy")
@@ -71,6 +71,7 @@ def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION
+    context.set_ciphers(TLS12_CIPHERS)  # AEAD only at TLS 1.2; TLS 1.3 keeps its own
     context.load_cert_chain(cert, key)
     context.set_alpn_protocols(["http/1.1"])
     return context

@@ -19,6 +19,23 @@ from typing import Any
 
 log = logging.getLogger("cxrd.proxy")
 
+# The TLS 1.2 suites the server accepts: AEAD with ECDHE only (Mozilla's "intermediate"
+# list). What the headsets' browsers need is in it: the Meta Quest Browser (Chromium) and
+# Safari on Apple Vision Pro speak TLS 1.3 (its suites, all AEAD, are set apart by
+# OpenSSL and untouched here) and, at TLS 1.2, ECDHE-ECDSA/ECDHE-RSA with AES-GCM or
+# ChaCha20-Poly1305. Dropped from OpenSSL's default: the CBC suites (ECDHE-*-AES*-SHA256/
+# SHA384, DHE-RSA-AES*-SHA256) and finite-field DHE. ECDSA for a user's own EC pair.
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
+
 READ_SIZE = 64 * 1024  # per socket read; a TLS record carries at most 16 KiB
 RECORD_READ = 32 * 1024  # per decrypt: one record's plaintext fits
 
