@@ -226,7 +226,12 @@ def backend() -> Iterator[Backend]:
 
 @pytest.fixture(scope="module")
 def proxy(certs: tuple[Path, Path], backend: Backend) -> Iterator[Proxy]:
-    running = Proxy(certs, backend.port, "--max-message-size", "65536", "--max-connections", "60")
+    running = Proxy(
+        certs,
+        backend.port,
+        *("--max-message-size", "65536", "--max-connections", "60"),
+        *("--max-per-address", "60"),  # fifty clients, all from 127.0.0.1
+    )
     yield running
     assert running.stop() == 0
 

@@ -1,4 +1,4 @@
-"""The proxy's /client/ (the web client it hosts) and proxy.allow, over real TLS."""
+"""The proxy's /client/ (the web client it hosts), over real TLS (proxy.allow: test_admission)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from test_proxy import Backend, Proxy, fetch, open_ws, run
-from websockets.exceptions import InvalidStatus
 
 from cxrd.proxy.certs import ensure_certificate
 from cxrd.proxy.static import MAX_FILE_SIZE
@@ -135,34 +134,6 @@ def test_a_missing_client_answers_how_to_get_it(
         proxy.wait_line("no index.html in the client directory")
     finally:
         assert proxy.stop() == 0
-
-
-def test_addresses_outside_proxy_allow_get_403_before_reaching_the_runtime(
-    certs: Any,
-    backend: Backend,
-) -> None:
-    proxy = Proxy(certs, backend.port, "--allow", "192.0.2.0/24", "--allow", "10.1.2.3")
-    try:
-        status, _, body = fetch(proxy, certs, "GET", "/")
-        assert status == 403 and b"may not use this proxy" in body
-        line = proxy.wait_line("refused")
-        assert "127.0.0.1" in line and "proxy.allow" in line
-
-        async def upgrade() -> None:
-            with pytest.raises(InvalidStatus) as refused:
-                async with open_ws(proxy, certs, "/denied-path"):
-                    pass
-            assert refused.value.response.status_code == 403
-
-        run(upgrade())
-        assert "/denied-path" not in backend._closes  # the backend never saw it
-    finally:
-        assert proxy.stop() == 0
-    allowed = Proxy(certs, backend.port, "--allow", "127.0.0.0/8")
-    try:
-        assert fetch(allowed, certs, "GET", "/")[0] == 200
-    finally:
-        assert allowed.stop() == 0
 
 
 def test_client_dir_is_not_served_when_hosting_is_off(

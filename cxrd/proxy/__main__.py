@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import ipaddress
 import logging
 import os
 import signal
@@ -25,10 +24,11 @@ from pathlib import Path
 
 from cxrd import constants as C
 from cxrd.config import LogsConfig
-from cxrd.config_proxy import origin_entry
+from cxrd.config_proxy import Network, allow_network, origin_entry
 from cxrd.errors import CxrdError, StartFailed
+from cxrd.proxy.acceptor import raise_fd_limit
 from cxrd.proxy.events import READY_LINE, SessionEvent, encode
-from cxrd.proxy.server import Network, ProxyOptions, ProxyServer, server_tls_context
+from cxrd.proxy.server import ProxyOptions, ProxyServer, server_tls_context
 from cxrd.system.listeners import bind_listener
 from cxrd.system.logfiles import rotating_handler
 
@@ -68,6 +68,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parent-pid", type=int, help="exit at once if the parent is not this pid")
     parser.add_argument("--max-message-size", type=_positive_int, default=defaults.max_message_size)
     parser.add_argument("--max-connections", type=_positive_int, default=defaults.max_connections)
+    parser.add_argument(
+        "--max-pending",
+        type=_positive_int,
+        default=defaults.max_pending,
+        help="connections in their TLS handshake, request head or an HTTP answer",
+    )
+    parser.add_argument(
+        "--max-per-address",
+        type=_positive_int,
+        default=defaults.max_per_address,
+        help="connections from one address, sessions included",
+    )
+    parser.add_argument(
+        "--handshake-timeout", type=_positive_float, default=defaults.handshake_timeout
+    )
+    parser.add_argument("--head-timeout", type=_positive_float, default=defaults.head_timeout)
     parser.add_argument("--ping-interval", type=_positive_float, default=defaults.ping_interval)
     parser.add_argument("--ping-timeout", type=_positive_float, default=defaults.ping_timeout)
     parser.add_argument("--client-dir", type=Path, help="serve the web client from here")
@@ -104,9 +120,9 @@ def _positive_int(text: str) -> int:
 
 def _network(text: str) -> Network:
     try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an address or CIDR network: {text}") from None
+        return allow_network(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _origin(text: str) -> str:
@@ -205,6 +221,10 @@ async def run(args: argparse.Namespace, sock: socket.socket, tls: ssl.SSLContext
         backend_port=args.backend_port,
         max_message_size=args.max_message_size,
         max_connections=args.max_connections,
+        max_pending=args.max_pending,
+        max_per_address=args.max_per_address,
+        handshake_timeout=args.handshake_timeout,
+        head_timeout=args.head_timeout,
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
         client_dir=args.client_dir,
@@ -233,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             tls = server_tls_context(args.cert, args.key)
         except (OSError, ssl.SSLError) as exc:
             raise StartFailed(f"{args.cert}, {args.key}: cannot load the TLS pair: {exc}") from None
+        raise_fd_limit(args.max_pending, args.max_connections)
         if args.listen_fd is not None:
             sock = inherited_listener(args.listen_fd)
         else:

@@ -13,7 +13,6 @@ fast on a small machine.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
@@ -29,21 +28,21 @@ from websockets.headers import parse_subprotocol
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
+from cxrd.config_proxy import Network
 from cxrd.constants import DEFAULT_BACKEND_PORT
 from cxrd.core.snapshot import Headset
 from cxrd.proxy import events, http, static
 from cxrd.proxy import frames as F
+from cxrd.proxy.acceptor import Acceptor, AdmittedTls
+from cxrd.proxy.admission import Admission, Phase, Ticket, format_address
 from cxrd.proxy.backend import MAX_HEAD, BackendConn, BackendRejected
 from cxrd.proxy.relay import Session
-from cxrd.proxy.tls import TLS12_CIPHERS, TlsServer
-from cxrd.system.listeners import LISTEN_BACKLOG
+from cxrd.proxy.tls import TLS12_CIPHERS
 
 log = logging.getLogger("cxrd.proxy")
 
 HEALTH_PROBE_TIMEOUT = 1.0
 REFUSAL_LOG_INTERVAL = 10.0  # one line per this many seconds about refused origins
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -51,10 +50,14 @@ class ProxyOptions:
     backend_host: str = "127.0.0.1"
     backend_port: int = DEFAULT_BACKEND_PORT
     max_message_size: int = 4 * 1024 * 1024
-    max_connections: int = 64
+    max_connections: int = 64  # relay sessions
+    max_pending: int = 64  # connections not yet a session (cxrd.proxy.admission)
+    max_per_address: int = 16  # connections from one address, sessions included
+    handshake_timeout: float = 5.0  # accept to TLS handshake done
+    head_timeout: float = 5.0  # TLS done to the whole request head
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
-    open_timeout: float = 10.0  # TLS handshake + request head; backend connect + handshake
+    open_timeout: float = 10.0  # backend connect + handshake
     close_timeout: float = 5.0
     client_dir: Path | None = None  # serve the web client from here at /client/
     allow: tuple[Network, ...] = ()  # who may connect; () = everyone
@@ -98,7 +101,8 @@ class ProxyServer:
         self.headsets: dict[Session, Headset] = {}
         self.origins = http.Origins(frozenset(options.origins))
         self.origin_log = http.Throttle(REFUSAL_LOG_INTERVAL)
-        self._server: asyncio.Server | None = None
+        self.admission = Admission(options.allow, options.max_pending, options.max_per_address)
+        self._acceptor: Acceptor | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()
@@ -106,13 +110,13 @@ class ProxyServer:
 
     async def serve(self, on_listening: Callable[[], None] | None = None) -> None:
         """Accept until :meth:`close`, then close every connection with 1001 and return."""
-        loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tasks:
             self._tasks = tasks
-            self._server = await self._listen(loop)
+            self._acceptor = Acceptor(self.sock, self.admission, self._protocol_for, tasks)
+            self._acceptor.start()
             log.info(
                 "listening on %s, relaying to %s (pid %d)",
-                _format_address(self.sock.getsockname()),
+                format_address(self.sock.getsockname()),
                 self.options.backend_url,
                 os.getpid(),
             )
@@ -121,12 +125,11 @@ class ProxyServer:
             await self._stop.wait()
             await self._shut_down()
 
-    async def _listen(self, loop: asyncio.AbstractEventLoop) -> asyncio.Server:
-        """TLS by :mod:`cxrd.proxy.tls` (bench/proxy_relay.py compares asyncio's own here)."""
-        return await loop.create_server(
-            lambda: TlsServer(self.tls, lambda: ClientConn(self), self.options.open_timeout),
-            sock=self.sock,
-            backlog=LISTEN_BACKLOG,
+    def _protocol_for(self, ticket: Ticket) -> asyncio.BaseProtocol:
+        """An admitted peer's protocol: TLS by :mod:`cxrd.proxy.tls` (bench/proxy_relay.py
+        compares asyncio's own here), then a :class:`ClientConn`."""
+        return AdmittedTls(
+            ticket, self.tls, lambda: ClientConn(self, ticket), self.options.handshake_timeout
         )
 
     def close(self) -> None:
@@ -134,8 +137,8 @@ class ProxyServer:
         self._stop.set()
 
     async def _shut_down(self) -> None:
-        assert self._server is not None
-        self._server.close()
+        assert self._acceptor is not None
+        self._acceptor.stop()
         for conn in list(self._conns):
             conn.abandon()
         for session in list(self.sessions):
@@ -151,18 +154,6 @@ class ProxyServer:
         log.info("stopped")
 
     # Bookkeeping used by connections ------------------------------------------
-
-    def admits(self, transport: asyncio.BaseTransport | None) -> bool:
-        """Whether proxy.allow lets this peer in (everyone when it is empty)."""
-        if not self.options.allow:
-            return True
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        if not isinstance(peer, tuple):
-            return False
-        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.options.allow)
 
     @property
     def busy(self) -> bool:
@@ -221,6 +212,8 @@ class ProxyServer:
             "connections": len(self.sessions),
             "headsets": len(self.headsets),
             "max_connections": self.options.max_connections,
+            "pending": self.admission.pending,
+            "max_pending": self.options.max_pending,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "pid": os.getpid(),
         }
@@ -229,8 +222,9 @@ class ProxyServer:
 class ClientConn(asyncio.Protocol):
     """A client's connection until its request is answered or its relay starts."""
 
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: ProxyServer, ticket: Ticket) -> None:
         self.server = server
+        self.ticket = ticket  # its place in the admission tables (cxrd.proxy.admission)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.head = bytearray()
@@ -245,14 +239,11 @@ class ClientConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.peer = _format_address(transport.get_extra_info("peername"))
-        server = self.server
-        if len(server._conns) >= 4 * server.options.max_connections + 64:
-            transport.abort()
-            return
-        server._conns.add(self)
+        self.peer = format_address(transport.get_extra_info("peername"))
+        self.server._conns.add(self)
+        self.ticket.enter(Phase.HEAD)
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(server.options.open_timeout, self._head_timed_out)
+        self._timer = loop.call_later(self.server.options.head_timeout, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:
         if self.request is not None:
@@ -266,10 +257,12 @@ class ClientConn(asyncio.Protocol):
         end = self.head.find(b"\r\n\r\n")
         if end < 0:
             if len(self.head) > MAX_HEAD:
+                self.ticket.enter(Phase.ANSWER)
                 too_large = "Request Header Fields Too Large"
                 self._answer(http.error(431, too_large, "Request head too large."))
             return
         self.extra = self.head[end + 4 :]
+        self.ticket.enter(Phase.ANSWER)  # no longer evictable: it is being answered
         self._dispatch(bytes(self.head[: end + 4]))
 
     def eof_received(self) -> bool | None:
@@ -316,10 +309,7 @@ class ClientConn(asyncio.Protocol):
         # Only a page's WebSocket and /healthz need its Origin checked (others are no
         # secret); CORS headers only where a page may read the answer.
         checked = http.is_upgrade(request) or path == http.HEALTH_PATH or http.is_preflight(request)
-        if not self.server.admits(self.transport):
-            log.warning("client=%s refused: not in proxy.allow", self.peer)
-            self._answer(http.forbidden(), request, 403)
-        elif checked and not client_file and not self.server.origins.allows(request):
+        if checked and not client_file and not self.server.origins.allows(request):
             if (held := self.server.origin_log.passes(time.monotonic())) is not None:
                 origin = http.terminal_safe(", ".join(request.headers.get_all("Origin")), 200)
                 more = f" ({held} more since the last such line)" if held else ""
@@ -496,6 +486,7 @@ class ClientConn(asyncio.Protocol):
         )
         self.server._conns.discard(self)
         self.server.add_session(session)
+        self.ticket.enter(Phase.SESSION)
         self.task = None
         client.write(response.serialize())
         client.set_protocol(session.c2b)
@@ -516,10 +507,3 @@ class ClientConn(asyncio.Protocol):
         if self.extra and not session.done:
             session.c2b.data_received(bytes(self.extra))
         return True
-
-
-def _format_address(address: object) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)
