@@ -126,6 +126,7 @@ class CloudXRLauncher:
             )
         self._install_path = Path(os.path.expanduser(install_dir)).absolute()
         self._owns = run_embedded
+        self._pid = os.getpid()  # a child of fork() neither releases nor stops what is ours
         self._bus_address = bus_address
         self._closed = False
         self._lease: Held | None = None
@@ -278,13 +279,17 @@ class CloudXRLauncher:
             raise LauncherError(f"The CloudXR runtime is {snap.state}{detail}")
 
     def stop(self) -> None:
-        """Release this process's hold; stop cxrd too if this process owns the runtime."""
+        """Release this process's hold; stop cxrd too if this process owns the runtime.
+
+        In the child of a fork, the hold and the runtime stay the parent's: this
+        only closes the child's connection (see :class:`cxrd.client.CloudXRClient`).
+        """
         try:
             if self._lease is not None:
                 lease, self._lease = self._lease, None
                 with contextlib.suppress(CxrdError):  # gone with the daemon already
                     self._client.let_go(lease)
-            if self._owns:
+            if self._owns and os.getpid() == self._pid:
                 self._owns = False
                 try:
                     self._client.stop()

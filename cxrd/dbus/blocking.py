@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -22,6 +25,7 @@ from cxrd.dbus.client import (
 from cxrd.dbus.leasing import Held, LeaseInfo, environment_applied, release_failure_logged
 from cxrd.errors import Timeout
 
+_log = logging.getLogger("cxrd.dbus.client")
 _BLOCKING_LIMIT = 2 * START_TIMEOUT
 _T = TypeVar("_T")
 
@@ -68,20 +72,62 @@ class CloudXRClient:
     Works from any thread, including one running an asyncio loop: calls run
     on a private loop in a helper thread. Close it (or use ``with``) to end
     the connection, which also ends any lease it holds.
+
+    Fork-safe: in the child of ``fork()`` the connection and the helper
+    thread are the parent's (the thread does not even exist there). The child
+    lets go of them without a word on the connection, and the first call
+    there connects afresh. Leases taken before the fork stay the parent's:
+    the child's ``let_go`` leaves them alone.
     """
 
     def __init__(self, bus_address: str | None = None, *, instance: str | None = None) -> None:
         """``instance``: a named one; None reads ``$CXRD_INSTANCE`` (unset: the unnamed one)."""
-        self._thread = _LoopThread()
+        self._address = bus_address
+        self._instance = instance
+        self._closed = False
+        self._taken: set[str] = set()  # leases held through this process's connection
+        self._parents: set[str] = set()  # leases of the process this one was forked from
         self._client = AsyncCloudXRClient(bus_address, instance=instance)
+        self._thread: _LoopThread | None = None
+        self._connect()
+        _clients.add(self)
+
+    def _connect(self) -> _LoopThread:
+        thread = _LoopThread()
         try:
-            self._thread.run(self._client.open())
+            thread.run(self._client.open())
         except BaseException:
-            self._thread.close()
+            thread.close()
             raise
+        self._thread = thread
+        return thread
+
+    def _run(self, call: Callable[[AsyncCloudXRClient], Awaitable[_T]]) -> _T:
+        if self._closed:
+            raise RuntimeError("the CloudXRClient is closed")
+        thread = self._thread
+        if thread is None:  # forked since the last call
+            self._client = AsyncCloudXRClient(self._address, instance=self._instance)
+            thread = self._connect()
+        return thread.run(call(self._client))
+
+    def _forked(self) -> None:
+        """In the child of a fork: drop the parent's connection and loop, touching neither."""
+        self._client.abandon()
+        if self._thread is not None:
+            # Its loop shares the parent's epoll instance: closing it here would
+            # unregister the parent's descriptors. Kept, never run or closed.
+            _abandoned.append(self._thread)
+            self._thread = None
+        self._parents |= self._taken
+        self._taken = set()
 
     def close(self) -> None:
-        if not self._thread.loop.is_closed():
+        if self._closed:
+            return
+        self._closed = True
+        _clients.discard(self)
+        if self._thread is not None:
             with contextlib.suppress(Exception):
                 self._thread.run(self._client.close())
             self._thread.close()
@@ -94,16 +140,16 @@ class CloudXRClient:
 
     @property
     def unique_name(self) -> str:
-        return self._client.unique_name
+        return self._run(_unique_name)
 
     def status(self) -> Snapshot:
-        return self._thread.run(self._client.status())
+        return self._run(lambda c: c.status())
 
     def is_running(self) -> bool:
-        return self._thread.run(self._client.is_running())
+        return self._run(lambda c: c.is_running())
 
     def get_property(self, name: str) -> Any:
-        return self._thread.run(self._client.get_property(name))
+        return self._run(lambda c: c.get_property(name))
 
     def start(
         self,
@@ -113,15 +159,15 @@ class CloudXRClient:
         env: Mapping[str, str] | None = None,
         gpu: int | None = None,
     ) -> Snapshot:
-        return self._thread.run(
-            self._client.start(timeout=timeout, device_profile=device_profile, env=env, gpu=gpu)
+        return self._run(
+            lambda c: c.start(timeout=timeout, device_profile=device_profile, env=env, gpu=gpu)
         )
 
     def start_no_block(self, *, device_profile: str | None = None) -> None:
-        async def send() -> None:
-            self._client.start_no_block(device_profile=device_profile)
+        async def send(client: AsyncCloudXRClient) -> None:
+            client.start_no_block(device_profile=device_profile)
 
-        self._thread.run(send())
+        self._run(send)
 
     def restart(
         self,
@@ -131,33 +177,38 @@ class CloudXRClient:
         env: Mapping[str, str] | None = None,
         gpu: int | None = None,
     ) -> Snapshot:
-        return self._thread.run(
-            self._client.restart(timeout=timeout, device_profile=device_profile, env=env, gpu=gpu)
+        return self._run(
+            lambda c: c.restart(timeout=timeout, device_profile=device_profile, env=env, gpu=gpu)
         )
 
     def stop(self, *, timeout: float = CALL_TIMEOUT) -> bool:
-        return self._thread.run(self._client.stop(timeout=timeout))
+        return self._run(lambda c: c.stop(timeout=timeout))
 
     def wait_ready(self, timeout: float | None = None) -> Snapshot:
-        return self._thread.run(self._client.wait_ready(timeout))
+        return self._run(lambda c: c.wait_ready(timeout))
 
     def wait_gone(self, timeout: float) -> None:
-        self._thread.run(self._client.wait_gone(timeout))
+        self._run(lambda c: c.wait_gone(timeout))
 
     def headsets(self) -> tuple[Headset, ...]:
-        return self._thread.run(self._client.headsets())
+        return self._run(lambda c: c.headsets())
 
     def wait_for_headset(self, timeout: float | None = None) -> Headset:
-        return self._thread.run(self._client.wait_for_headset(timeout))
+        return self._run(lambda c: c.wait_for_headset(timeout))
 
     def environment(self) -> dict[str, str]:
-        return self._thread.run(self._client.environment())
+        return self._run(lambda c: c.environment())
 
     def acquire(self, reason: str = "") -> str:
-        return self._thread.run(self._client.acquire(reason))
+        lease_id = self._run(lambda c: c.acquire(reason))
+        self._taken.add(lease_id)
+        return lease_id
 
     def release(self, lease_id: str) -> None:
-        self._thread.run(self._client.release(lease_id))
+        if self._parents_own(lease_id):
+            return
+        self._run(lambda c: c.release(lease_id))
+        self._taken.discard(lease_id)
 
     def hold(
         self,
@@ -169,14 +220,25 @@ class CloudXRClient:
         gpu: int | None = None,
     ) -> Held:
         """A lease on a ready runtime, held by the daemon that serves it (the asyncio ``hold``)."""
-        return self._thread.run(
-            self._client.hold(
+        held = self._run(
+            lambda c: c.hold(
                 reason, timeout=timeout, device_profile=device_profile, env=env, gpu=gpu
             )
         )
+        self._taken.add(held.id)
+        return held
 
     def let_go(self, held: Held) -> None:
-        self._thread.run(self._client.let_go(held))
+        if self._parents_own(held.id):
+            return
+        self._run(lambda c: c.let_go(held))
+        self._taken.discard(held.id)
+
+    def _parents_own(self, lease_id: str) -> bool:
+        if lease_id not in self._parents:
+            return False
+        _log.info("lease %s was taken before fork(): left to the parent process", lease_id)
+        return True
 
     @contextlib.contextmanager
     def lease(
@@ -201,6 +263,23 @@ class CloudXRClient:
                 self.let_go(held)
             raise
         self.let_go(held)
+
+
+async def _unique_name(client: AsyncCloudXRClient) -> str:
+    return client.unique_name
+
+
+# Every open client, so that the child of a fork can let go of the parent's connections.
+_clients: weakref.WeakSet[CloudXRClient] = weakref.WeakSet()
+_abandoned: list[_LoopThread] = []
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def call_blocking(

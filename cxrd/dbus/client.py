@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -95,6 +96,21 @@ class AsyncCloudXRClient:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CALL_TIMEOUT):
                     await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+
+    def abandon(self) -> None:
+        """Drop the connection without a word on it: in the child of a fork it is the parent's.
+
+        :meth:`close` would shut the socket down for both processes; this only
+        closes the child's descriptor, so the parent's connection (and its
+        leases) end when the parent ends them, not when the child exits.
+        """
+        bus, self._bus = self._bus, None
+        self._matching = False
+        self._watchers.clear()
+        sock = getattr(bus, "_sock", None) if bus is not None else None
+        fd = sock.detach() if sock is not None else -1
+        if fd >= 0:
+            os.close(fd)
 
     async def __aenter__(self) -> AsyncCloudXRClient:
         await self.open()
