@@ -141,6 +141,43 @@ def test_only_get_and_head_and_nothing_of_the_request_comes_back(daemon_env: Dae
         assert get(port, "/livez")[0] == 200
 
 
+def test_livez_answers_under_a_flood_of_idle_and_half_sent_connections(
+    daemon_env: DaemonEnv,
+) -> None:
+    port = healthy_env(daemon_env)
+    daemon_env.start("--bus", "none")
+    first_answer(port, "/livez")
+    flood: list[socket.socket] = []
+    try:
+        for n in range(200):  # far more than the pool's places (and than 32, the old limit)
+            sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            if n % 2:
+                sock.sendall(b"GET /livez HTTP/1.1\r\n")  # a head never finished
+            flood.append(sock)
+        for _ in range(5):  # each probe's request is served though every place is taken
+            status, body = answer(port, "/livez")
+            assert status == 200 and body["alive"] is True
+
+        # The flood holds no more than the pool: the rest were dropped, oldest first.
+        def held() -> int:
+            return sum(not _closed_by_peer(sock) for sock in flood)
+
+        assert wait_until(lambda: held() <= 16, "the oldest idle connections to be dropped")
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+
+
 def test_readyz_is_503_naming_the_proxy_while_it_restarts(
     daemon_env: DaemonEnv, notify: NotifySocket
 ) -> None:

@@ -2,8 +2,13 @@
 
 GET or HEAD only (anything else is 405), one request per connection, no
 keep-alive. A request is bounded: its head must fit ``MAX_HEAD`` bytes (else
-431) and arrive within ``HEAD_TIMEOUT`` (else the connection is dropped);
-at most ``MAX_CONNECTIONS`` are served at once, the rest are closed at once.
+431) and arrive within ``HEAD_TIMEOUT`` (else the connection is dropped).
+At most ``MAX_CONNECTIONS`` are held at once, a small pool of its own: when
+it is full, a new connection takes the place of the oldest one still waiting
+for its request head, so a flood of idle connections cannot starve the
+liveness probe (whose request comes at once) and a kubelet never restarts a
+healthy cxrd for it. Only when every place is busy answering is the newcomer
+closed.
 Nothing a request carries is written into a response: bodies are built from
 the snapshot or are fixed texts, and only the request line is read (the
 headers are read to their end and ignored; none change an answer).
@@ -36,9 +41,9 @@ from cxrd.health.report import live_body, ready_body
 log = logging.getLogger(__name__)
 
 MAX_HEAD: Final = 8192
-HEAD_TIMEOUT: Final = 5.0
-WRITE_TIMEOUT: Final = 5.0
-MAX_CONNECTIONS: Final = 32
+HEAD_TIMEOUT: Final = 2.0  # a probe sends its request at once
+WRITE_TIMEOUT: Final = 2.0
+MAX_CONNECTIONS: Final = 16
 
 _JSON: Final = "application/json"
 _TEXT: Final = "text/plain; charset=utf-8"
@@ -59,6 +64,8 @@ class HealthServer:
         self._registry = metrics.registry_for(collector)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._pool: set[asyncio.StreamWriter] = set()  # connections holding a place
+        self._waiting: dict[asyncio.StreamWriter, None] = {}  # no head yet; oldest first
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, StateChanged):
@@ -90,12 +97,26 @@ class HealthServer:
         if self._server is not None:
             await self._server.wait_closed()
 
+    def _make_room(self) -> bool:
+        """A place in the pool for a new connection: the oldest waiting one's if it is full."""
+        if len(self._pool) < MAX_CONNECTIONS:
+            return True
+        oldest = next(iter(self._waiting), None)
+        if oldest is None:
+            return False  # every place is answering, each for at most WRITE_TIMEOUT
+        del self._waiting[oldest]
+        self._pool.discard(oldest)
+        oldest.transport.abort()  # its read ends (EOF); its task finishes on its own
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if len(self._tasks) >= MAX_CONNECTIONS or task is None:
+        if task is None or not self._make_room():
             writer.transport.abort()
             return
         self._tasks.add(task)
+        self._pool.add(writer)
+        self._waiting[writer] = None
         try:
             try:
                 async with asyncio.timeout(HEAD_TIMEOUT):
@@ -106,6 +127,8 @@ class HealthServer:
                 return
             else:
                 answer = self._route(head)
+            finally:
+                self._waiting.pop(writer, None)  # answering now: not evicted
             writer.write(answer)
             async with asyncio.timeout(WRITE_TIMEOUT):
                 await writer.drain()
@@ -113,6 +136,8 @@ class HealthServer:
             pass
         finally:
             self._tasks.discard(task)
+            self._pool.discard(writer)
+            self._waiting.pop(writer, None)
             writer.close()
 
     def _route(self, head: bytes) -> bytes:
