@@ -59,6 +59,7 @@ class FakeChild:
         return await asyncio.shield(self._exit)
 
     async def stop(self, timeout: float) -> int:
+        self.world.check("stop")
         self.signals.append("TERM")
         if self.ignores_sigterm and not self._exit.done():
             try:
@@ -104,6 +105,14 @@ class World:
     env_published: list[Mapping[str, str]] = field(default_factory=list)
     ignore_sigterm: bool = False
     eula_missing: bool = False
+    # Port name (a method of the host, "spawn", "file", "pipe", "stop") -> what it raises now.
+    broken: dict[str, Callable[[], BaseException]] = field(default_factory=dict)
+
+    def check(self, port: str) -> None:
+        """Raise what ``port`` is broken with, if it is."""
+        make = self.broken.get(port)
+        if make is not None:
+            raise make()
 
     def latest(self, name: str) -> FakeChild | None:
         for child in reversed(self.spawned):
@@ -121,6 +130,7 @@ class FakeLauncher:
 
     async def spawn(self, spec: ChildSpec) -> FakeChild:
         await asyncio.sleep(0)  # spawning takes a loop turn, as a real one does
+        self.world.check("spawn")
         return FakeChild(spec, self.world)
 
 
@@ -153,11 +163,13 @@ class FakeReadiness:
         self.world = world
 
     async def file(self, path: Path) -> None:
+        self.world.check("file")
         child = self.world.latest("runtime")
         assert child is not None
         await asyncio.shield(child.ready)
 
     def pipe(self) -> FakePipe:
+        self.world.check("pipe")
         return FakePipe(self.world)
 
 
@@ -166,6 +178,7 @@ class FakeHost:
         self.world = world
 
     def prepare_runtime(self, config: Config, profile: str) -> RuntimeLaunch:
+        self.world.check("prepare_runtime")
         if self.world.eula_missing:
             raise EulaNotAccepted("the CloudXR EULA is not accepted")
         env = {"NV_DEVICE_PROFILE": profile, **config.runtime.env}
@@ -176,6 +189,7 @@ class FakeHost:
 
     async def prepare_proxy(self, config: Config, keep: ProxyLaunch | None) -> ProxyLaunch:
         await asyncio.sleep(0)  # a thread, for real
+        self.world.check("prepare_proxy")
         s = config.proxy
         if keep is not None and keep.settings.port == s.port:
             listener: Any = keep.listener
@@ -194,33 +208,40 @@ class FakeHost:
         )
 
     def claim_run_dir(self, run_dir: Path) -> list[str]:
+        self.world.check("claim_run_dir")
         return []
 
     def publish_environment(self, run_dir: Path, environment: Mapping[str, str]) -> None:
+        self.world.check("publish_environment")
         self.world.env_published.append(dict(environment))
 
     def clear_run_files(self, run_dir: Path) -> None:
-        pass
+        self.world.check("clear_run_files")
 
     def env_file_event(self) -> str:
+        self.world.check("env_file_event")
         return ""
 
     def record_failure(self, run_dir: Path, error: CxrdError) -> None:
-        pass
+        self.world.check("record_failure")
 
     def clear_failure(self, run_dir: Path) -> None:
-        pass
+        self.world.check("clear_failure")
 
     def log_size(self, path: Path) -> int:
+        self.world.check("log_size")
         return 0
 
     def runtime_diagnosis(self, launch: RuntimeLaunch, since: float, offset: int) -> str:
+        self.world.check("runtime_diagnosis")
         return ""
 
     def server_log(self, launch: RuntimeLaunch, since: float) -> str:
+        self.world.check("server_log")
         return ""
 
     def proxy_diagnosis(self, launch: ProxyLaunch) -> str:
+        self.world.check("proxy_diagnosis")
         return ""
 
 

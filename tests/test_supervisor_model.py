@@ -3,20 +3,27 @@
 Rules: start (no profile, a good one, a malformed one), stop, restart (good and
 malformed profiles), reload (each kind of change, valid and invalid), runtime
 and proxy crashes and readiness, a runtime that ignores SIGTERM (slow stop),
-time passing (backoffs end, starts time out), lease acquire and release.
+time passing (backoffs end, starts time out), lease acquire and release, and
+any port of the host breaking (OSError of several errnos, a plain exception)
+and mending again.
 After every step: at most one live runtime and one live proxy, every live
-process tracked by the supervisor, at most one open listener per proxy launch,
-restart counts only grow, and the public state agrees with the children.
-At the end a stop is latched and must end in ``stopped`` with no process and
-no listener, within stop_timeout plus a second, every caller answered.
+process tracked by the supervisor, no child starting with neither a worker nor
+a process, at most one open listener per proxy launch, restart counts only
+grow, no internal error, and the public state agrees with the children.
+At the end a stop is latched (the ports may still be broken) and must end in
+``stopped``, or ``failed`` with the failure's code, with no process and no
+listener, within stop_timeout plus a second, every caller answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +43,22 @@ GPUS = st.none() | st.sampled_from([0, 1])
 CHOICES = st.builds(Choice, profile=st.none() | PROFILES, env=ENVS, gpu=GPUS)
 BAD_PROFILES = st.sampled_from(["Quest 3", "", "a\tb"])
 LIVE = (ChildState.STARTING, ChildState.RUNNING, ChildState.STOPPING)
+PORTS = st.sampled_from(
+    [
+        "prepare_runtime", "prepare_proxy", "claim_run_dir", "publish_environment",
+        "clear_run_files", "env_file_event", "record_failure", "clear_failure", "log_size",
+        "runtime_diagnosis", "server_log", "proxy_diagnosis", "spawn", "file", "pipe",
+    ]
+)  # fmt: skip
+ERRNOS = [errno.ENOSPC, errno.EROFS, errno.ENOENT, errno.EACCES, errno.ENOTDIR]
+
+
+FAULTS = st.sampled_from(
+    [
+        *(partial(OSError, code, os.strerror(code), "/install/run/cloudxr.env") for code in ERRNOS),
+        partial(RuntimeError, "a bug in a port"),
+    ]
+)
 
 
 def reload_kinds(base: Config) -> dict[str, Config | CxrdError]:
@@ -154,6 +177,18 @@ class SupervisorMachine(RuleBasedStateMachine):
         if child is not None:
             child.ignores_sigterm = True
 
+    @rule(port=PORTS, fault=FAULTS)
+    def port_breaks(self, port: str, fault: Any) -> None:
+        self.h.world.broken[port] = fault
+
+    @rule(port=PORTS)
+    def port_mends(self, port: str) -> None:
+        self.h.world.broken.pop(port, None)
+
+    @rule()
+    def every_port_mends(self) -> None:
+        self.h.world.broken.clear()
+
     @rule(seconds=st.sampled_from([0.02, STOP_TIMEOUT + 0.02, STARTUP_TIMEOUT + 0.05]))
     def time_passes(self, seconds: float) -> None:
         self.h.settle(seconds)
@@ -169,6 +204,12 @@ class SupervisorMachine(RuleBasedStateMachine):
             if alive:
                 assert child.handle is alive[0], f"a live {name} the supervisor does not track"
                 assert child.state in LIVE, (name, child.state)
+
+    @invariant()
+    def no_child_waits_for_nothing(self) -> None:
+        for child in (self.h.sup._runtime, self.h.sup._proxy):
+            if child.state is ChildState.STARTING:
+                assert child.worker is not None or child.handle is not None, child.name
 
     @invariant()
     def start_answers_only_with_a_runtime(self) -> None:
@@ -212,9 +253,9 @@ class SupervisorMachine(RuleBasedStateMachine):
             world, sup = self.h.world, self.h.sup
             assert world.live == [], world.live
             assert world.listeners == [], world.listeners
+            assert took < STOP_TIMEOUT + 1, took
             if sup._failure is None:
                 assert code == 0 and sup.state is State.STOPPED, (code, sup.state)
-                assert took < STOP_TIMEOUT + 1
             else:
                 assert code == sup._failure.exit_code and sup.state is State.FAILED
             unanswered = [t for t in self.calls if not t.done()]

@@ -38,6 +38,7 @@ class Child:
     restarts: int = 0
     last_exit: str = ""
     then: After = After.STAY
+    crash_cause: str = ""  # why a stop with After.CRASH was asked, when not a timeout
     # Part of a run (the first start, a Restart): failing to start fails the daemon.
     in_run: bool = False
     # The start worker is inside Launcher.spawn(): not to be cancelled there,

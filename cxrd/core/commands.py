@@ -85,15 +85,24 @@ class Ready:
 
 @dataclass(frozen=True)
 class TimedOut:
+    """Not ready within the startup timeout, or the readiness port failed (``error``)."""
+
     child: Child
     gen: int
+    error: CxrdError | None = None
 
 
 @dataclass(frozen=True)
 class Exited:
     child: Child
     gen: int
-    code: int
+    code: int | None  # None: its exit could not be watched (``lost`` says why)
+    lost: str = ""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A stop or a failure did not finish in time: the daemon ends anyway."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,7 @@ Message = (
     | ReloadRequest
     | StopRequest
     | IdleCheck
+    | Deadline
     | Spawned
     | SpawnFailed
     | Ready

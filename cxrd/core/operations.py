@@ -19,6 +19,7 @@ from cxrd.core import commands as M
 from cxrd.core.children import After, Child
 from cxrd.core.choice import Choice
 from cxrd.core.commands import Kind, Operation
+from cxrd.core.faults import named_failure, quietly
 from cxrd.core.ports import Clock, Host, Launcher, Notifier, Readiness
 from cxrd.core.runner import Runner
 from cxrd.core.states import DESCRIPTIONS, ChildState, Phase, State
@@ -129,8 +130,8 @@ class Operations(Runner):
             op.config = config
             running = op.choice.applied(config)
             op.runtime = self._host.prepare_runtime(running, running.runtime.device_profile)
-        except CxrdError as err:
-            self._post(M.Prepared(op, err))
+        except Exception as exc:
+            self._post(M.Prepared(op, named_failure(f"cannot prepare the {op.kind.value}", exc)))
             return
         except asyncio.CancelledError:
             self._discard_proxy(op)
@@ -275,7 +276,8 @@ class Operations(Runner):
         self._phase = Phase.NONE
         for child in (self._runtime, self._proxy):
             child.in_run = False
-        self._host.clear_failure(self._config.run_dir)
+        run_dir = self._config.run_dir
+        quietly("cannot clear the last error", lambda: self._host.clear_failure(run_dir), None)
         self._last_error = ""
         self._reason = self._ready_words()
         op = self._op

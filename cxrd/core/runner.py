@@ -12,7 +12,6 @@ dropped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ from cxrd.config import Config
 from cxrd.core import commands as M
 from cxrd.core.children import After, Child
 from cxrd.core.choice import Choice
+from cxrd.core.faults import attempt, named_failure, quietly
 from cxrd.core.ports import ChildHandle, Clock, Host, Launcher, Readiness
 from cxrd.core.states import ChildState, Phase
 from cxrd.errors import Busy, CxrdError, GaveUp, StartFailed, Timeout
@@ -35,6 +35,8 @@ from cxrd.system.process import ChildSpec, describe_exit
 log = logging.getLogger(__name__)
 
 _PRIORITY = {After.CRASH: 0, After.START: 1, After.STAY: 2}  # a stop beats a restart
+# A stop or a failure ends the daemon at most this long after runtime.stop_timeout.
+DEADLINE_AFTER_STOP_TIMEOUT = 1.0
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Runner:
         self._server_log = ""
         self._last_error = ""
         self._reason = ""  # why the next published change happens
+        self._deadline: asyncio.TimerHandle | None = None  # once stopping: the latest exit
 
     # to be provided by the supervisor
     def _handle_request(self, msg: M.Message) -> None:
@@ -161,11 +164,12 @@ class Runner:
                     self._publish()
                 except Exception as exc:
                     log.exception("internal error while handling %s", type(msg).__name__)
-                    self._fail(CxrdError(f"internal error: {exc!r}"))
                     try:
+                        self._fail(CxrdError(f"internal error: {exc!r}"))
+                        self._stop_everything()  # even when a failure or a stop came first
                         self._publish()
                     except Exception:
-                        log.exception("internal error while announcing it")
+                        log.exception("internal error while ending")
         finally:
             while not self._inbox.empty():
                 _too_late(self._inbox.get_nowait())
@@ -178,6 +182,9 @@ class Runner:
 
     def _handle(self, msg: M.Message) -> None:
         child = getattr(msg, "child", None)
+        if isinstance(msg, M.Deadline):
+            self._on_deadline()
+            return
         if child is None:
             self._handle_request(msg)
             return
@@ -191,9 +198,9 @@ class Runner:
         elif isinstance(msg, M.Ready):
             self._on_ready(child)
         elif isinstance(msg, M.TimedOut):
-            self._on_timed_out(child)
+            self._on_timed_out(child, msg.error)
         elif isinstance(msg, M.Exited):
-            self._on_exited(child, msg.code)
+            self._on_exited(child, msg.code, msg.lost)
         elif isinstance(msg, M.BackoffOver) and child.state is ChildState.BACKOFF:
             child.backoff = None
             self._start_child(child, in_run=child.in_run, why="backoff over")
@@ -228,23 +235,25 @@ class Runner:
             self._post(M.SpawnFailed(child, gen, None))
 
     async def _start_worker(self, child: Child, gen: int) -> None:
+        """Prepare, spawn, await readiness; whatever a port raises is reported, never lost."""
+        name = child.name
         try:
             recipe = await self._recipe(child)
-        except CxrdError as err:
+        except Exception as exc:
             child.reported = gen
-            self._post(M.SpawnFailed(child, gen, err))
+            self._post(M.SpawnFailed(child, gen, named_failure(f"cannot start the {name}", exc)))
             return
         child.spawning = True
         try:
             handle = await self._launcher.spawn(recipe.spec)
-        except CxrdError as err:
-            recipe.discard()
+        except Exception as exc:
+            quietly(f"closing the {name}'s ready pipe", recipe.discard, None)
             child.reported = gen
-            self._post(M.SpawnFailed(child, gen, err))
+            self._post(M.SpawnFailed(child, gen, named_failure(f"cannot start the {name}", exc)))
             return
         finally:
             child.spawning = False
-            recipe.spawned()
+            quietly(f"closing the {name}'s end of its ready pipe", recipe.spawned, None)
         child.reported = gen
         self._post(M.Spawned(child, gen, handle))
         try:
@@ -254,23 +263,36 @@ class Runner:
             except TimeoutError:
                 self._post(M.TimedOut(child, gen))
                 return
+            except Exception as exc:
+                doing = f"cannot tell whether the {name} is ready"
+                self._post(M.TimedOut(child, gen, named_failure(doing, exc)))
+                return
             self._post(M.Ready(child, gen))
             # The proxy goes on reporting headset sessions until its pipe closes.
             while (event := await recipe.follow()) is not None:
                 self._post(M.Session(child, gen, event))
+        except Exception as exc:
+            log.warning("%s", named_failure(f"no more headset sessions from the {name}", exc))
         finally:
-            recipe.discard()
+            quietly(f"closing the {name}'s ready pipe", recipe.discard, None)
 
     async def _recipe(self, child: Child) -> _Recipe:
         if child is self._runtime:
             launch = self._runtime_launch
             assert launch is not None
             run_dir = self._config.run_dir
-            removed = self._host.claim_run_dir(run_dir)
+            host = self._host
+            removed = attempt(f"cannot claim {run_dir}", lambda: host.claim_run_dir(run_dir))
             if removed:
                 log.info("removed stale %s from %s", ", ".join(removed), run_dir)
-            self._host.publish_environment(run_dir, launch.environment)
-            self._stderr_offset = self._host.log_size(launch.stderr_log)
+            env_file = run_dir / C.ENV_FILE
+            attempt(
+                f"cannot write {env_file}",
+                lambda: host.publish_environment(run_dir, launch.environment),
+            )
+            self._stderr_offset = quietly(
+                f"cannot read {launch.stderr_log}", lambda: host.log_size(launch.stderr_log), 0
+            )
             self._server_log = ""
             self._spawned_runtime = True
             sentinel = run_dir / C.SENTINEL_FILE
@@ -291,15 +313,24 @@ class Runner:
             self._signal_stop(child)
 
     async def _watch(self, child: Child, gen: int, handle: ChildHandle) -> None:
-        code = await handle.wait()
+        try:
+            code = await handle.wait()
+        except Exception as exc:
+            lost = named_failure(f"lost track of the {child.name} (pid {handle.pid})", exc)
+            self._post(M.Exited(child, gen, None, str(lost)))
+            return
         self._post(M.Exited(child, gen, code))
 
     def _on_spawn_failed(self, child: Child, error: CxrdError | None) -> None:
         child.worker = None
-        if error is None or child.state is ChildState.STOPPING:
+        if child.state is ChildState.STOPPING:
             child.set(ChildState.STOPPED, "stopped before it was spawned")
             self._after_stopped(child)
             return
+        if child.state is not ChildState.STARTING:
+            return
+        if error is None:
+            error = StartFailed(f"the {child.name}'s start ended before it spawned anything")
         child.set(ChildState.EXITED, str(error))
         self._died(child, error, ready_once=False)
 
@@ -308,19 +339,23 @@ class Runner:
         if child.state is not ChildState.STARTING:
             return
         child.set(ChildState.RUNNING, "ready")
-        if child is self._runtime and self._runtime_launch is not None:
-            self._server_log = self._host.server_log(self._runtime_launch, child.started_at)
+        if child is self._runtime and (launch := self._runtime_launch) is not None:
+            since = child.started_at
+            find = lambda: self._host.server_log(launch, since)  # noqa: E731
+            self._server_log = quietly("cannot find the runtime's server log", find, "")
         if not child.in_run:
             self._reason = f"the {child.name} is back after a restart"
         self._check_run_complete()
 
-    def _on_timed_out(self, child: Child) -> None:
+    def _on_timed_out(self, child: Child, error: CxrdError | None) -> None:
         child.worker = None
         if child.state is not ChildState.STARTING:
             return
         if child.in_run and not self._was_ready:
-            self._fail(self._startup_timeout(child))
+            self._fail(error or self._startup_timeout(child))
             return
+        if error is not None:
+            child.crash_cause = str(error)
         self._stop_child(child, After.CRASH)
 
     def _startup_timeout(self, child: Child) -> CxrdError:
@@ -334,8 +369,8 @@ class Runner:
 
     # ---- exits -----------------------------------------------------------------
 
-    def _on_exited(self, child: Child, code: int) -> None:
-        words = describe_exit(code)
+    def _on_exited(self, child: Child, code: int | None, lost: str = "") -> None:
+        words = lost or describe_exit(code)
         if child.state is ChildState.STOPPING:
             pid = child.handle.pid if child.handle is not None else 0
             log.info("%s (pid %d) stopped: %s", child.name, pid, words)
@@ -343,7 +378,10 @@ class Runner:
                 limit = self._config.runtime.startup_timeout
                 child.last_exit = words
                 child.set(ChildState.EXITED, "did not become ready in time")
-                cause = f"the {child.name} did not become ready again within {limit:g} s"
+                cause = child.crash_cause or (
+                    f"the {child.name} did not become ready again within {limit:g} s"
+                )
+                child.crash_cause = ""
                 self._crashed(child, cause, self._diagnosis(child))
             else:
                 child.last_exit = child.last_exit or words
@@ -401,12 +439,15 @@ class Runner:
         child.backoff = loop.call_later(delay, self._post, M.BackoffOver(child, child.gen))
 
     def _diagnosis(self, child: Child) -> str:
+        host, since, offset = self._host, child.started_at, self._stderr_offset
+        doing = f"cannot read the {child.name}'s logs"
         if child is self._runtime:
             launch = self._runtime_launch
             if launch is None:
                 return ""
-            return self._host.runtime_diagnosis(launch, child.started_at, self._stderr_offset)
-        return self._host.proxy_diagnosis(self._proxy_launch) if self._proxy_launch else ""
+            return quietly(doing, lambda: host.runtime_diagnosis(launch, since, offset), "")
+        proxy = self._proxy_launch
+        return quietly(doing, lambda: host.proxy_diagnosis(proxy), "") if proxy else ""
 
     # ---- stopping --------------------------------------------------------------
 
@@ -423,6 +464,10 @@ class Runner:
             child.cancel_worker()  # never while spawning: its Spawned report comes instead
             if child.handle is not None:
                 self._signal_stop(child)
+            elif child.worker is None and not child.spawning:
+                # No process and no worker to report one: nothing to wait for.
+                child.set(ChildState.STOPPED, "nothing was spawned")
+                self._after_stopped(child)
             return
         if state is not ChildState.STOPPED:
             child.set(ChildState.STOPPED, "nothing to stop")
@@ -458,9 +503,31 @@ class Runner:
 
     def _stop_everything(self) -> None:
         self._phase = Phase.NONE
+        if self._deadline is None:
+            # The children get stop_timeout, then SIGKILL; past a second more, cxrd ends anyway.
+            limit = self._config.runtime.stop_timeout + DEADLINE_AFTER_STOP_TIMEOUT
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(limit, self._post, M.Deadline())
         for child in (self._runtime, self._proxy):
             self._stop_child(child, After.STAY)
         self._check_finished()
+
+    def _on_deadline(self) -> None:
+        done = self._exit_future()
+        if done.done():
+            return
+        left = ", ".join(
+            f"the {c.name} {c.state}" + (f" (pid {c.pid})" if c.pid else "")
+            for c in (self._runtime, self._proxy)
+            if c.state is not ChildState.STOPPED
+        )
+        limit = self._config.runtime.stop_timeout + DEADLINE_AFTER_STOP_TIMEOUT
+        log.error("not stopped within %g s (%s); exiting anyway", limit, left)
+        for child in (self._runtime, self._proxy):
+            child.cancel_backoff()
+            child.cancel_worker()
+        self._reason = str(self._failure) if self._failure is not None else f"exiting with {left}"
+        done.set_result(self._failure.exit_code if self._failure is not None else 0)
 
     def _everything_stopped(self) -> bool:
         return all(c.state is ChildState.STOPPED for c in (self._runtime, self._proxy))
@@ -474,8 +541,11 @@ class Runner:
             self._pending_proxy.close()
             self._pending_proxy = None
         if self._spawned_runtime:
-            with contextlib.suppress(OSError, CxrdError):
-                self._host.clear_run_files(self._config.run_dir)
+            run_dir = self._config.run_dir
+            clear = lambda: self._host.clear_run_files(run_dir)  # noqa: E731
+            quietly(f"cannot clear {run_dir}", clear, None)
+        if self._deadline is not None:
+            self._deadline.cancel()
         if self._failure is not None:
             self._reason = str(self._failure)
         else:

@@ -28,6 +28,7 @@ from cxrd.core import commands as M
 from cxrd.core.children import Child
 from cxrd.core.choice import Choice, describe_mismatch, mismatch_error
 from cxrd.core.commands import Kind, Operation
+from cxrd.core.faults import quietly
 from cxrd.core.operations import Operations, answer
 from cxrd.core.policy import RestartPolicy
 from cxrd.core.ports import Clock, Host, Launcher, Notifier, Readiness
@@ -157,7 +158,9 @@ class Supervisor(Operations):
             ready_since=self._ready_since,
             last_start_seconds=self._last_start_seconds,
             headsets=tuple(self._headsets.values()),
-            env_file_event=self._host.env_file_event(),
+            env_file_event=quietly(
+                "cannot read the env file's history", self._host.env_file_event, ""
+            ),
             requested=self._choice.as_settings(),
             requested_by=self._chosen_by,
         )
@@ -206,8 +209,12 @@ class Supervisor(Operations):
         return await asyncio.shield(reply)
 
     def request_stop(self, reason: str = "stop requested") -> None:
-        """Latch a stop and return at once. Idempotent; nothing starts after it."""
-        if self._stop_latched or self._failure is not None:
+        """Latch a stop and return at once. Idempotent; nothing starts after it.
+
+        Honoured after a failure too: whatever is still stopping is stopped
+        again, and the daemon exits with the failure's code.
+        """
+        if self._stop_latched:
             return
         self._stop_latched = True
         self._post(M.StopRequest(reason))
@@ -393,6 +400,10 @@ class Supervisor(Operations):
 
     def _on_stop(self, reason: str) -> None:
         self._notifier.notify("STOPPING=1")
+        if self._failure is not None:
+            log.info("%s while failed: stopping what is left", reason)
+            self._stop_everything()
+            return
         self._reason = reason
         log.info("stopping: %s", reason)
         self._abandon_operations(Busy("the daemon is stopping; start it again once it has exited"))
@@ -408,7 +419,9 @@ class Supervisor(Operations):
         self._failure = err
         self._last_error = str(err)
         self._reason = str(err)
-        self._host.record_failure(self._config.run_dir, err)
+        run_dir = self._config.run_dir
+        record = lambda: self._host.record_failure(run_dir, err)  # noqa: E731
+        quietly(f"cannot record the failure in {run_dir}", record, None)
         if err.detail:
             log.error("%s\n%s", err, err.detail)
         else:
