@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 
 from cxrd.cli.common import Out, config_from_args
 from cxrd.errors import InvalidArgs
@@ -27,6 +30,7 @@ def cmd_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    """``client fetch``: SIGINT, SIGTERM or SIGHUP stop it cleanly, its staging dir removed."""
     from cxrd.system import webclient
 
     config = config_from_args(args)
@@ -39,12 +43,53 @@ def cmd_client(args: argparse.Namespace) -> int:
         err.stream.flush()
 
     try:
-        target = webclient.fetch(
-            config.client_path, source, force=args.force, progress=progress if err.tty else None
-        )
+        with _stopped_by_signals():
+            target = webclient.fetch(
+                config.client_path,
+                source,
+                force=args.force,
+                progress=progress if err.tty else None,
+                timeout=args.timeout,
+            )
+    except _Stopped as stop:
+        err.line(f"stopped by {stop.name}; the client dir is as it was")
+        return 128 + stop.signum
     finally:
         if err.tty:
             err.stream.write("\r\033[K")
             err.stream.flush()
     Out(sys.stdout).line(f"web client from {source} is in {target}; served at /client/")
     return 0
+
+
+class _Stopped(BaseException):
+    """A signal asked the fetch to stop: a BaseException, so no ``except Exception`` eats it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """The first of SIGINT/SIGTERM/SIGHUP raises :class:`_Stopped`; later ones are ignored.
+
+    A signal ignored when cxrctl started (``nohup``, a background job) stays ignored.
+    """
+    caught = [s for s in _STOPS if signal.getsignal(s) is not signal.SIG_IGN]
+
+    def stop(signum: int, frame: object) -> None:
+        for s in caught:
+            signal.signal(s, signal.SIG_IGN)  # the cleanup runs once, whole
+        raise _Stopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in caught}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

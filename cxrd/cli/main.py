@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="another base URL, or a directory (default: the build for the installed runtime)",
     )
     p.add_argument("--force", action="store_true", help="replace a client already there")
+    p.add_argument(
+        "--timeout", type=_positive, default=120.0, help="seconds for the whole fetch (default 120)"
+    )
 
     add("doctor", cmd_doctor, "check what running CloudXR needs, and say how to fix it")
     return parser
