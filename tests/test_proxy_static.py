@@ -1,4 +1,4 @@
-"""/client/ streamed: files go as the client takes them; directories closed; stalled clients dropped.
+"""/client/ streamed: files go as the client takes them; directories closed; stalls dropped.
 
 Real ``python -m cxrd.proxy`` processes, real TLS; the proxy's open files are
 read from ``/proc/<pid>/fd``.

@@ -229,6 +229,10 @@ class TlsServer(asyncio.BufferedProtocol):
     def get_write_buffer_size(self) -> int:
         return self._tcp.get_write_buffer_size() if self._tcp is not None else 0
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._tcp is not None:
+            self._tcp.set_write_buffer_limits(high, low)
+
 
 class TlsTransport(asyncio.Transport):
     """What the application protocol sees: plain bytes in and out."""
@@ -270,3 +274,6 @@ class TlsTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         return self._tls.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._tls.set_write_buffer_limits(high, low)
