@@ -19,8 +19,10 @@ cd "$(dirname "$0")/.."
 # man-db, mandoc: render and lint the man pages; bash-completion, zsh, fish: the
 # shells whose completions the tests query.
 # nftables: nft, for doctor's firewall tests (rules only in a throwaway netns).
+# firewalld: firewall-offline-cmd loads the packaged services (a throwaway copy of
+# its config); its service is never started here (see the policy-rc.d below).
 packages=(dbus dbus-user-session dbus-bin systemd openssl libglib2.0-bin python3-venv procps
-    util-linux tini chromium man-db mandoc bash-completion zsh fish nftables)
+    util-linux tini chromium man-db mandoc bash-completion zsh fish nftables firewalld)
 
 installed() {
     dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null | grep -qx installed
@@ -46,8 +48,21 @@ if ((${#missing[@]})); then
     fi
     echo "setup: installing ${missing[*]}"
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    # No service a package installs may start (firewalld would take over the
+    # host's firewall): Docker images refuse with a policy-rc.d; elsewhere, one for now.
+    policy=
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null
+        "${sudo[@]}" chmod 0755 "$policy"
+    fi
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -q --no-install-recommends "${missing[@]}"
+    [[ -z $policy ]] || "${sudo[@]}" rm -f "$policy"
+    if [[ " ${missing[*]} " == *" firewalld "* ]]; then
+        # Nor at the next boot: only its offline tool is wanted here.
+        "${sudo[@]}" systemctl --root=/ disable firewalld.service >/dev/null 2>&1 || true
+    fi
 fi
 
 python=${PYTHON:-python3}

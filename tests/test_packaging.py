@@ -14,6 +14,8 @@ import pytest
 from fixtures_systemd import UserManager
 from support import TIMEOUT, free_port
 
+from cxrd import constants as C
+
 pytestmark = pytest.mark.slow  # left out of the floors run (scripts/test.sh)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,6 +96,49 @@ def test_package_holds_the_units_the_activation_file_and_cxrd(built: Built) -> N
         mode, owner = line.split()[:2]
         assert owner == "root/root", line
         assert mode[8] != "w" or mode[0] == "l", line
+
+
+def firewall_offline_cmd() -> str:
+    """firewalld's own offline tool (Debian's firewalld; scripts/setup.sh installs it)."""
+    tool = shutil.which("firewall-offline-cmd")
+    if tool is None:
+        if os.environ.get("CI"):
+            pytest.fail("firewall-offline-cmd is missing: scripts/setup.sh installs firewalld")
+        pytest.skip("firewall-offline-cmd is not installed (Debian's firewalld)")
+    return tool
+
+
+def test_firewalld_loads_the_packaged_services_with_cxrds_ports(
+    built: Built, tmp_path: Path
+) -> None:
+    """Real firewalld tooling on a throwaway copy of its configuration; the host's is untouched."""
+    tool = firewall_offline_cmd()
+    default = tmp_path / "default"  # firewalld's /usr/lib/firewalld, where the .deb puts them
+    shutil.copytree("/usr/lib/firewalld", default)
+    for name in ("cloudxr.xml", "cloudxr-native.xml"):
+        shutil.copy(built.root / "usr/lib/firewalld/services" / name, default / "services")
+    system = tmp_path / "etc"  # the admin's /etc/firewalld
+    system.mkdir()
+    if Path("/etc/firewalld/firewalld.conf").exists():
+        shutil.copy("/etc/firewalld/firewalld.conf", system)
+
+    def offline(*args: str) -> str:
+        done = subprocess.run(
+            [tool, "--system-config", str(system), "--default-config", str(default), *args],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, f"firewall-offline-cmd {args}: {done.stdout}{done.stderr}"
+        return done.stdout
+
+    offline("--check-config")
+    web = offline("--info-service=cloudxr")
+    proxy, signaling, media = C.DEFAULT_PROXY_PORT, C.DEFAULT_BACKEND_PORT, C.DEFAULT_MEDIA_PORT
+    assert f"  ports: {proxy}/tcp {signaling}/tcp {media}/udp\n" in web, web
+    native = offline("--info-service=cloudxr-native")
+    assert "  ports: 48010/tcp 47998-48000/udp 48005/udp 48008/udp 48012/udp\n" in native
+    # What the README tells users to run (firewall-cmd --permanent --add-service=cloudxr).
+    offline("--add-service=cloudxr")
+    assert "cloudxr" in offline("--list-services").split()
 
 
 def test_package_holds_completions_and_man_pages_that_render(built: Built) -> None:
