@@ -205,3 +205,23 @@ def test_loose_modes_of_ours_are_put_right_and_a_log_of_another_user_refused(
         rotating_handler(logs / "wss.log", LogsConfig())
     assert f"{logs / 'wss.log'} belongs to user nobody (uid 65534)" in str(refused.value)
     assert (logs / "wss.log").read_text() == "earlier\n"
+
+
+def test_an_install_dir_made_by_cxrctl_is_0700_whatever_the_umask(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "index.html").write_text("client")
+    (build / "bundle.js").write_text("client()")
+    for command in (("accept-eula", "--yes"), ("client", "fetch", "--from", str(build))):
+        install = tmp_path / command[0] / "cloudxr"
+        config = tmp_path / command[0] / "cxrd.toml"
+        install.parent.mkdir()
+        config.write_text(f'install_dir = "{install}"\n')
+        with umask(0):
+            done = subprocess.run(
+                [sys.executable, "-m", "cxrd.cli", "--config", str(config), *command],
+                capture_output=True, text=True, timeout=TIMEOUT * 2,
+                env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NO_COLOR": "1"},
+            )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert mode(install) == 0o700, command

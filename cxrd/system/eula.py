@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Final
 
 from cxrd import constants as C
+from cxrd.system.rundir import ensure_run_dir
 
 EULA_URL: Final = "https://github.com/NVIDIA/IsaacTeleop/blob/main/deps/cloudxr/CLOUDXR_LICENSE"
 
@@ -44,7 +45,7 @@ def accept(install_path: Path) -> Path:
     The marker appears whole or not at all (written aside, then renamed).
     """
     marker = marker_path(install_path)
-    marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_run_dir(marker.parent)  # ours, 0700, as the daemon checks it
     tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)  # left by a killed earlier run with our pid

@@ -82,7 +82,7 @@ def fetch(
     """
     if (target / "index.html").is_file() and not force:
         raise FetchFailed(f"{target} already holds a web client; --force replaces it")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the install dir, if made
     deadline = _Deadline(timeout)
     staging: Path | None = None
     try:
