@@ -87,6 +87,7 @@ def open_private_file(path: Path, flags: int) -> int:
         check_owner(path, info.st_uid, "cxrd makes it again, mode 0600")
         if stat.S_IMODE(info.st_mode) != 0o600:
             os.fchmod(fd, 0o600)
+        os.set_blocking(fd, True)  # O_NONBLOCK was for the open only (a child may get this fd)
     except BaseException:
         os.close(fd)
         raise
