@@ -398,7 +398,9 @@ class ClientConn(asyncio.Protocol):
             reachable = True
         except (OSError, TimeoutError):
             pass
-        self._answer(http.health(self.server.health(reachable), head_only=head_only), request, 200)
+        cors = http.cors(request)  # an Origin here was allowed (else 403)
+        report = self.server.health(reachable)
+        self._answer(http.health(report, head_only=head_only, extra=cors), request, 200)
 
     def _upgrade(self, protocol: ServerProtocol, request: Request) -> None:
         response = protocol.accept(request)
