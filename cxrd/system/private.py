@@ -53,7 +53,7 @@ def ensure_private_dir(path: Path, what: str, holds: str) -> None:
         _refuse_unusable(path, what, holds, exc)
     try:
         info = os.fstat(fd)
-        check_owner(path, info.st_uid, "cxrd makes it again, mode 0700")
+        _check_owner(path, info.st_uid, "cxrd makes it again, mode 0700")
         if stat.S_IMODE(info.st_mode) != 0o700:
             os.fchmod(fd, 0o700)
     finally:
@@ -84,7 +84,7 @@ def open_private_file(path: Path, flags: int) -> int:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise InvalidConfig(f"{path} is not a regular file: remove it (cxrd makes it)")
-        check_owner(path, info.st_uid, "cxrd makes it again, mode 0600")
+        _check_owner(path, info.st_uid, "cxrd makes it again, mode 0600")
         if stat.S_IMODE(info.st_mode) != 0o600:
             os.fchmod(fd, 0o600)
         os.set_blocking(fd, True)  # O_NONBLOCK was for the open only (a child may get this fd)
@@ -94,7 +94,7 @@ def open_private_file(path: Path, flags: int) -> int:
     return fd
 
 
-def check_owner(path: Path, uid: int, again: str) -> None:
+def _check_owner(path: Path, uid: int, again: str) -> None:
     """InvalidConfig naming both users unless ``uid`` is ours; ``again``: what removing it does."""
     if uid != os.getuid():
         raise InvalidConfig(
@@ -139,7 +139,7 @@ def _refuse_unusable(path: Path, what: str, holds: str, exc: OSError) -> NoRetur
                 f"{path} is a symbolic link; cxrd keeps {holds} only in a real directory of "
                 f"its own: remove the link (cxrd makes the directory), {ELSEWHERE}"
             ) from None
-        check_owner(path, info.st_uid, "cxrd makes it again, mode 0700")
+        _check_owner(path, info.st_uid, "cxrd makes it again, mode 0700")
     raise InvalidConfig(
         f"{path}: cannot use it as {what}: {exc.strerror}; remove it (cxrd makes it again), "
         f"{ELSEWHERE}"
