@@ -251,7 +251,7 @@ def _copy(
     request = urllib.request.Request(where, headers={"User-Agent": "cxrd"})
     try:
         with (
-            opener.open(request, timeout=min(TIMEOUT, deadline.left())) as reply,
+            opener.open(request, timeout=max(0.01, min(TIMEOUT, deadline.left()))) as reply,
             dest.open("wb") as out,
         ):
             length = reply.headers.get("Content-Length")
