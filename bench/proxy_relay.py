@@ -114,23 +114,31 @@ async def splice_role(port: int, backend_port: int) -> None:
 
 async def asyncio_tls_role(port: int, backend_port: int, cert: str, key: str) -> None:
     """cxrd's proxy with its TLS layer swapped for asyncio's (``create_server(ssl=...)``)."""
+    from asyncio.sslproto import SSLProtocol
+
+    from cxrd.proxy.admission import Ticket
     from cxrd.proxy.server import ClientConn, ProxyOptions, ProxyServer, server_tls_context
-    from cxrd.system.listeners import LISTEN_BACKLOG, bind_listener
+    from cxrd.system.listeners import bind_listener
 
     class AsyncioTlsProxy(ProxyServer):
-        async def _listen(self, loop: asyncio.AbstractEventLoop) -> asyncio.Server:
-            return await loop.create_server(
-                lambda: ClientConn(self),
-                sock=self.sock,
-                backlog=LISTEN_BACKLOG,
-                ssl=self.tls,
-                ssl_handshake_timeout=self.options.open_timeout,
+        def _protocol_for(self, ticket: Ticket) -> asyncio.BaseProtocol:
+            # What create_server(ssl=...) plugs under each accepted socket.
+            loop = asyncio.get_running_loop()
+            return SSLProtocol(
+                loop,
+                ClientConn(self, ticket),
+                self.tls,
+                loop.create_future(),
+                server_side=True,
+                ssl_handshake_timeout=round(self.options.handshake_timeout),
             )
 
     tls = server_tls_context(Path(cert), Path(key))
-    server = AsyncioTlsProxy(
-        bind_listener("127.0.0.1", port), tls, ProxyOptions(backend_port=backend_port)
+    # asyncio's TLS transport does not release a connection's admission ticket: no bounds.
+    unbounded = ProxyOptions(
+        backend_port=backend_port, max_pending=1 << 30, max_per_address=1 << 30
     )
+    server = AsyncioTlsProxy(bind_listener("127.0.0.1", port), tls, unbounded)
     await server.serve(on_listening=lambda: print("READY", flush=True))
 
 
