@@ -63,7 +63,7 @@ def test_a_ping_flood_gets_few_pongs_the_latest_answered_and_the_session_lives(
         started = time.monotonic()
         tls.sendall(flood)
         tls.settimeout(3 * PONG_INTERVAL)
-        stream, pongs = b"", []
+        stream, pongs = b"", list[bytes]()
         deadline = started + TIMEOUT
         while time.monotonic() < deadline and (not pongs or pongs[-1] != b"199"):
             try:
