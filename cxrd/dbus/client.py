@@ -98,17 +98,12 @@ class AsyncCloudXRClient:
                     await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
 
     def abandon(self) -> None:
-        """Drop the connection without a word on it: in the child of a fork it is the parent's.
-
-        :meth:`close` would shut the socket down for both processes; this only
-        closes the child's descriptor, so the parent's connection (and its
-        leases) end when the parent ends them, not when the child exits.
-        """
+        """In the child of a fork, drop the parent's connection: close only this descriptor
+        (:meth:`close` would shut the socket down for both), so it ends with the parent."""
         bus, self._bus = self._bus, None
         self._matching = False
         self._watchers.clear()
-        sock = getattr(bus, "_sock", None) if bus is not None else None
-        fd = sock.detach() if sock is not None else -1
+        fd = bus._sock.detach() if bus is not None and bus._sock is not None else -1
         if fd >= 0:
             os.close(fd)
 
