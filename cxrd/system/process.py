@@ -196,18 +196,15 @@ class ProcessLauncher:
 
     def __init__(self, reaper: OrphanReaper | None = None) -> None:
         self._reaper = reaper
-        with self._spawning():
+        with _spawning(self._reaper):
             self._guard = Guard(reaper)
-
-    def _spawning(self) -> contextlib.AbstractContextManager[None]:
-        return self._reaper.spawning() if self._reaper is not None else contextlib.nullcontext()
 
     async def spawn(self, spec: ChildSpec) -> Child:
         env = {k: v for k, v in spec.env.items() if k not in _DAEMON_ONLY_ENV}
         ensure_logs_dir(spec.stderr.parent)
         relay = None if spec.stderr_limits is None else Relay(spec.stderr, spec.stderr_limits)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(self._spawning())
+            stack.enter_context(_spawning(self._reaper))
             if relay is None:
                 stderr = open_log(spec.stderr)  # 0600, never through a link
                 stack.callback(os.close, stderr)
@@ -337,7 +334,7 @@ class Guard:
 
     def _replace(self) -> None:
         self._replacing = None
-        with self._spawning():
+        with _spawning(self._reaper):
             try:
                 self._start()
             except OSError as exc:
@@ -348,9 +345,6 @@ class Guard:
                 )
                 return
         log.info("guard: pid %d watches %d process group(s)", self._proc.pid, len(self._groups))
-
-    def _spawning(self) -> contextlib.AbstractContextManager[None]:
-        return self._reaper.spawning() if self._reaper is not None else contextlib.nullcontext()
 
     def _end(self) -> int:
         """Stop watching the current guard process and reap it; its exit status."""
@@ -400,6 +394,11 @@ class Guard:
         if self._write_end >= 0:
             self._send(".\n")
             self._end()
+
+
+def _spawning(reaper: OrphanReaper | None) -> contextlib.AbstractContextManager[None]:
+    """Around a fork whose pid is told to ``reaper`` (when cxrd is PID 1)."""
+    return reaper.spawning() if reaper is not None else contextlib.nullcontext()
 
 
 def _killpg(pgid: int, sig: signal.Signals) -> None:
