@@ -259,6 +259,9 @@ class Recorder:
     def protocol_error(self, half: Half, problem: str) -> None:
         self.events.append(("protocol_error", problem))
 
+    def client_ping(self, payload: bytes) -> None:
+        self.events.append(("ping", payload))
+
 
 def half(from_client: bool = True, max_size: int | None = None) -> tuple[Half, Recorder]:
     rec = Recorder()
@@ -266,23 +269,36 @@ def half(from_client: bool = True, max_size: int | None = None) -> tuple[Half, R
 
 
 def test_frames_pass_unchanged_whatever_the_read_boundaries() -> None:
-    stream = b"".join(
+    frames = [
         F.encode_frame(op, payload, mask=True)
         for op, payload in [
             (F.OP_TEXT, b"hello"),
             (F.OP_BINARY, b"\x00" * 300),  # 16-bit length
+            (F.OP_PING, b"p" * 125),  # the client's: answered by the proxy, not passed on
             (F.OP_BINARY, b"\x01" * 70000),  # 64-bit length
-            (F.OP_PING, b"p"),
+            (F.OP_PONG, b"q"),
+            (F.OP_PING, b"r"),
             (F.OP_CLOSE, F.close_payload(4003, "done")),
         ]
-    )
+    ]
+    stream = b"".join(frames)
+    passed = b"".join(f for f in frames if f[0] & 0x0F != F.OP_PING)
     for size in (1, 2, 3, 7, 13, 1000, len(stream)):
         relay, rec = half()
         for i in range(0, len(stream), size):
             relay.data_received(stream[i : i + size])
-        assert bytes(rec.written) == stream
-        assert rec.events == [("close", (4003, "done"))]
+        assert bytes(rec.written) == passed
+        assert rec.events == [("ping", b"p" * 125), ("ping", b"r"), ("close", (4003, "done"))]
         assert relay.nbytes == len(stream)
+
+
+def test_the_backends_pings_pass_to_the_client() -> None:
+    relay, rec = half(from_client=False)
+    stream = F.encode_frame(F.OP_PING, b"runtime", mask=False) + F.encode_frame(
+        F.OP_TEXT, b"x", mask=False
+    )
+    relay.data_received(stream)
+    assert bytes(rec.written) == stream and rec.events == []
 
 
 def test_a_split_header_is_held_back_until_complete() -> None:
