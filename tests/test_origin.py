@@ -22,9 +22,11 @@ from test_headsets import CHROMIUM, DevTools, _chromium_argv, _json
 from test_proxy import Backend, Proxy, client_tls, fetch
 from websockets.asyncio.client import connect
 
-from cxrd.config import load_config
+from cxrd.config import ProxyConfig, load_config
 from cxrd.errors import InvalidConfig
+from cxrd.proxy.__main__ import parse_args
 from cxrd.proxy.certs import ensure_certificate
+from cxrd.proxy.launch import ProxyLaunch
 from cxrd.system.addresses import headset_urls
 
 PUBLISHED = "https://nvidia.github.io"
@@ -162,6 +164,23 @@ def test_proxy_origins_in_the_config_are_normalised_or_refused_by_name(tmp_path:
     path.write_text('[proxy]\norigins = ["https://nvidia.github.io/IsaacTeleop/"]\n')
     with pytest.raises(InvalidConfig, match=r"proxy\.origins: .* a page, not an origin"):
         load_config(path)
+
+
+def test_proxy_origins_reach_the_proxy_process(tmp_path: Path) -> None:
+    settings = ProxyConfig(origins=("https://lab.example:8443", "*"))
+    with socket.socket() as listener:
+        launch = ProxyLaunch(
+            listener=listener,
+            urls=(),
+            port=48322,
+            log_path=tmp_path / "wss.log",
+            cert=tmp_path / "server.crt",
+            key=tmp_path / "server.key",
+            settings=settings,
+        )
+        argv = launch.spec(ready_fd=3).argv
+    assert argv[1:3] == ("-m", "cxrd.proxy")
+    assert parse_args(list(argv[3:])).origin == ["https://lab.example:8443", "*"]
 
 
 # A real browser -------------------------------------------------------------------
