@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -170,3 +171,34 @@ def test_a_child_dies_with_its_parent_when_the_guard_is_gone(tmp_path: Path) -> 
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+GUARD = Path(__file__).resolve().parent.parent / "cxrd" / "data" / "guard.py"
+
+
+def run_guard(lines: str) -> None:
+    """The guard script itself, given ``lines`` and then end of file."""
+    subprocess.run(
+        [sys.executable, "-I", "-S", str(GUARD)],
+        input=lines,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+
+
+def test_the_guard_removes_the_files_only_after_a_cxrd_that_died_and_no_runtime_answers(
+    tmp_path: Path,
+) -> None:
+    env_file, sock = tmp_path / "cloudxr.env", tmp_path / "ipc_cloudxr"
+    files = f"f{env_file}\ns{sock}\n"
+    env_file.write_text("export A=1\n")
+    run_guard(files + ".\n")  # cxrd left in order: its files are its own business
+    assert env_file.exists()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(os.fspath(sock))
+        listener.listen()
+        run_guard(files)  # cxrd died, but a runtime (not its) answers there
+        assert env_file.exists()
+    run_guard(files)  # cxrd died and nothing answers: the file would mislead a reader
+    assert not env_file.exists()
