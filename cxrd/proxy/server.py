@@ -34,7 +34,7 @@ from cxrd.core.snapshot import Headset
 from cxrd.proxy import events, http, static
 from cxrd.proxy import frames as F
 from cxrd.proxy.acceptor import Acceptor, AdmittedTls
-from cxrd.proxy.admission import Admission, Phase, Ticket, format_address
+from cxrd.proxy.admission import REFUSAL_LOG_INTERVAL, Admission, Phase, Ticket, format_address
 from cxrd.proxy.backend import MAX_HEAD, BackendConn, BackendRejected
 from cxrd.proxy.relay import Session
 from cxrd.proxy.tls import TLS12_CIPHERS
@@ -42,7 +42,6 @@ from cxrd.proxy.tls import TLS12_CIPHERS
 log = logging.getLogger("cxrd.proxy")
 
 HEALTH_PROBE_TIMEOUT = 1.0
-REFUSAL_LOG_INTERVAL = 10.0  # one line per this many seconds about refused origins
 
 
 @dataclass(frozen=True)
