@@ -307,8 +307,9 @@ class ClientConn(asyncio.Protocol):
         client_file = self.server.options.client_dir is not None and static.is_client_path(path)
         # Only a page's WebSocket and /healthz need its Origin checked (others are no
         # secret); CORS headers only where a page may read the answer.
-        checked = http.is_upgrade(request) or path == http.HEALTH_PATH or http.is_preflight(request)
-        if checked and not client_file and not self.server.origins.allows(request):
+        preflight = http.is_preflight(request) and not client_file
+        checked = http.is_upgrade(request) or path == http.HEALTH_PATH or preflight
+        if checked and not self.server.origins.allows(request):
             if (held := self.server.origin_log.passes(time.monotonic())) is not None:
                 origin = http.terminal_safe(", ".join(request.headers.get_all("Origin")), 200)
                 more = f" ({held} more since the last such line)" if held else ""
