@@ -52,7 +52,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[1])
 
 
-def _ns(pid: int) -> str:
+def pid_ns(pid: int) -> str:
     try:
         return os.readlink(f"/proc/{pid}/ns/pid")
     except OSError:
@@ -63,7 +63,7 @@ def members(ns: str) -> dict[int, tuple[str, str]]:
     """host pid -> (state, command line) of every process in the PID namespace ``ns``."""
     found = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or _ns(int(entry.name)) != ns:
+        if not entry.name.isdigit() or pid_ns(int(entry.name)) != ns:
             continue
         stat = _stat(int(entry.name))
         try:
@@ -73,6 +73,16 @@ def members(ns: str) -> dict[int, tuple[str, str]]:
         if stat is not None:
             found[int(entry.name)] = (stat[0], cmdline)
     return found
+
+
+def child_of(ns: str, parent: int, needle: str) -> int:
+    """The host pid of ``parent``'s live child in ``ns`` whose command line has ``needle``."""
+    (pid,) = [
+        p
+        for p, (state, cmd) in members(ns).items()
+        if needle in cmd and state != "Z" and (_stat(p) or ("", 0))[1] == parent
+    ]
+    return pid
 
 
 def zombies(ns: str) -> dict[int, tuple[str, str]]:
@@ -124,20 +134,14 @@ class Namespace:
         self.started = time.monotonic()
         me = self.unshare.pid
         self.first = wait_until(
-            lambda: next((p for p in _children(me) if _ns(p) != _ns(me)), None),
+            lambda: next((p for p in _children(me) if pid_ns(p) != pid_ns(me)), None),
             "the namespace's first process",
             interval=0.005,
         )
-        self.ns = _ns(self.first)
+        self.ns = pid_ns(self.first)
 
     def child(self, needle: str) -> int:
-        """The host pid of the first process's live child whose command line has ``needle``."""
-        (pid,) = [
-            p
-            for p, (state, cmd) in members(self.ns).items()
-            if needle in cmd and state != "Z" and (_stat(p) or ("", 0))[1] == self.first
-        ]
-        return pid
+        return child_of(self.ns, self.first, needle)
 
     def close(self) -> None:
         if self.unshare.poll() is None:

@@ -3,8 +3,8 @@
 Every Kubernetes manifest validates against the Kubernetes 1.33 schema that
 the pinned ``kubernetes-validate`` ships (no network); the compose file is
 parsed and its references to the Containerfile checked; the arguments each
-recipe passes to cxrd are ones cxrd's own parser accepts. Building the image
-needs a registry these machines cannot reach.
+recipe passes to cxrd are ones cxrd's own parser accepts. tests/test_image.py
+builds the image and runs it under podman.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cxrd.config import parse_listen
+from cxrd.config import load_config, parse_listen
 from cxrd.constants import STAND_ASIDE
-from cxrd.daemon import build_parser
+from cxrd.daemon import ACCEPT_EULA_ENV, build_parser, overrides_from
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINER = ROOT / "packaging" / "container"
@@ -72,9 +72,9 @@ def by_name(items: list[dict[str, Any]], name: str) -> dict[str, Any]:
 
 def test_containerfile_runs_cxrd_without_a_bus_as_a_non_root_user_with_a_healthcheck() -> None:
     cf = containerfile()
-    base = re.search(r"CUDA_IMAGE=(\S+)", " ".join(cf["ARG"]))
+    base = re.search(r"BASE_IMAGE=(\S+)", " ".join(cf["ARG"]))
     assert base and re.fullmatch(r"nvcr\.io/nvidia/cuda:12\.\d+\.\d+-runtime-ubuntu24\.04", base[1])
-    assert cf["FROM"] == ["${CUDA_IMAGE}"]
+    assert cf["FROM"] == ["${BASE_IMAGE} AS base", "base AS wheel", "base"]
     assert exec_form(cf["ENTRYPOINT"][0]) == ["cxrd", "--bus", "none"]
     args = exec_form(cf["CMD"][0])
     parsed = build_parser().parse_args(["--bus", "none", *args])
@@ -85,7 +85,25 @@ def test_containerfile_runs_cxrd_without_a_bus_as_a_non_root_user_with_a_healthc
     assert cf["USER"] == ["1000:1000"]
     assert "--uid 1000" in " ".join(cf["RUN"])
     assert exec_form(cf["VOLUME"][0]) == ["/home/cloudxr/.cloudxr"]
-    assert any("cxrd[cloudxr]" in arg for arg in cf["ARG"])
+
+
+def test_containerfile_installs_this_checkout_with_the_runtime_and_keeps_no_secret() -> None:
+    cf = containerfile()
+    # cxrd is not on an index: a wheel of the build context, installed with [cloudxr].
+    assert cf["COPY"][:2] == ["pyproject.toml README.md /src/", "cxrd /src/cxrd"]
+    assert cf["COPY"][2] == "--from=wheel /wheels /tmp/wheels"
+    wheel, install = (run for run in cf["RUN"] if "pip " in run)
+    assert "pip wheel --no-cache-dir --no-deps --wheel-dir /wheels /src" in wheel
+    assert 'pip install "$1[cloudxr]"' in install and "set -- /tmp/wheels/cxrd-*.whl" in install
+    assert not re.search(r"pip install \S*cxrd\[", " ".join(cf["RUN"])), "never from an index"
+    # A proxy's CA and pip.conf reach pip as build secrets, each for its one step.
+    for run in (wheel, install):
+        assert "--mount=type=secret,id=pip-ca,target=/run/secrets/pip-ca" in run
+        assert "--mount=type=secret,id=pip.conf,target=/etc/pip.conf" in run
+    assert not [env for env in cf["ENV"] if "PIP_CERT" in env or "CA_BUNDLE" in env]
+    # Byte-code the tests leave in cxrd/ stays out of the context (docker and podman read this).
+    ignore = (CONTAINER / "Containerfile.dockerignore").read_text().split()
+    assert "**/__pycache__" in ignore
 
 
 # --- compose.yaml -------------------------------------------------------------------------
@@ -174,6 +192,38 @@ def test_deployment_probes_gpu_endpoint_ip_and_shared_install_dir() -> None:
     service = load(KUBE / "service.yaml")
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["wss"]
+
+
+def test_the_deployment_is_what_the_image_runs_and_cxrd_accepts(tmp_path: Path) -> None:
+    """The kubelet runs the image's ENTRYPOINT with the manifest's args: every port, probe,
+    variable and user the manifest names is the one cxrd then really uses.
+    (tests/test_image.py runs the manifest's container on the built image.)"""
+    deployment = load(KUBE / "deployment.yaml")
+    spec = pod(deployment)
+    cxrd = by_name(spec["initContainers"], "cxrd")
+    cf = containerfile()
+    assert "command" not in cxrd, "the image's ENTRYPOINT runs, not a command of the manifest's"
+    args = build_parser().parse_args([*exec_form(cf["ENTRYPOINT"][0])[1:], *cxrd["args"]])
+    (tmp_path / "cxrd.toml").write_text("")  # no config file in the pod: the defaults
+    config = load_config(tmp_path / "cxrd.toml", overrides=overrides_from(args), environ={})
+    ports = {p["name"]: p["containerPort"] for p in cxrd["ports"]}
+    assert config.health.address == ("0.0.0.0", ports["health"]), "probes reach it from the kubelet"
+    assert config.proxy.port == ports["wss"] and config.proxy.host == "0.0.0.0"
+    assert config.runtime.signaling_port == ports["signaling"]
+    assert config.bus == "none"
+    assert set(ports.values()) <= {int(p) for p in " ".join(cf["EXPOSE"]).split()}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert cxrd[probe]["httpGet"]["port"] in ports, probe
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(ports["health"])
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert ACCEPT_EULA_ENV in {e["name"] for e in cxrd["env"]}
+    uid, gid = (int(n) for n in cf["USER"][0].split(":"))
+    context = spec["securityContext"]
+    assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (uid, gid, gid)
+    # The image's own HEALTHCHECK asks the port the manifest's probes ask.
+    (healthcheck,) = cf["HEALTHCHECK"]
+    assert f"127.0.0.1:{ports['health']}/readyz" in healthcheck
 
 
 def _merge(base: Any, patch: Any) -> Any:
