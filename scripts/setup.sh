@@ -21,8 +21,12 @@ cd "$(dirname "$0")/.."
 # nftables: nft, for doctor's firewall tests (rules only in a throwaway netns).
 # firewalld: firewall-offline-cmd loads the packaged services (a throwaway copy of
 # its config); its service is never started here (see the policy-rc.d below).
+# podman, runc (its OCI runtime here: crun refuses this machine's cgroup layout),
+# catatonit (podman's --init), mmdebstrap (the Debian base image, no registry
+# here): tests/test_image.py builds and runs packaging/container/Containerfile.
 packages=(dbus dbus-user-session dbus-bin systemd openssl libglib2.0-bin python3-venv procps
-    util-linux tini chromium man-db mandoc bash-completion zsh fish nftables firewalld)
+    util-linux tini chromium man-db mandoc bash-completion zsh fish nftables firewalld
+    podman runc catatonit mmdebstrap)
 
 installed() {
     dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null | grep -qx installed
@@ -89,6 +93,12 @@ install_venv() {
 }
 
 install_venv .venv
+# podman-compose runs packaging/container/compose.yaml in tests/test_image.py
+# (1.4: the override file's `!reset`).
+if [[ ! -x .venv/bin/podman-compose ]]; then
+    echo "setup: installing podman-compose into .venv"
+    .venv/bin/python -m pip install -q --disable-pip-version-check 'podman-compose>=1.4'
+fi
 echo "setup: ready (.venv/bin/cxrd, .venv/bin/cxrctl)"
 
 # Isaac Lab's own CloudXR code for tests/test_isaaclab.py, fetched once into
