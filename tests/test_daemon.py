@@ -370,7 +370,7 @@ def test_sigterm_during_a_restart_wins_and_exits_0_in_time(bus_daemon: BusDaemon
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_until(lambda: client.status().state == "stopping", what="the restart's stop")
+        wait_until(lambda: client.status().state == "restarting", what="the restart's stop")
     began = time.monotonic()
     bus_daemon.proc.send_signal(signal.SIGTERM)
     assert bus_daemon.proc.wait(timeout=TIMEOUT) == 0

@@ -19,8 +19,7 @@ def test_the_lifecycle_paths_are_legal() -> None:
         State.READY,
         State.RESTARTING,
         State.READY,
-        State.STOPPING,
-        State.STARTING,
+        State.RESTARTING,
         State.READY,
         State.STOPPING,
         State.STOPPED,
@@ -36,6 +35,7 @@ def test_the_lifecycle_paths_are_legal() -> None:
         (State.FAILED, State.STARTING),
         (State.READY, State.STARTING),
         (State.STOPPED, State.RESTARTING),
+        (State.STOPPING, State.STARTING),
     ],
 )
 def test_illegal_transitions_are_rejected(old: State, new: State) -> None:

@@ -45,7 +45,7 @@ def test_a_stop_during_a_restart_wins_and_nothing_comes_back(h: Harness) -> None
     assert slow is not None
     slow.ignores_sigterm = True  # keeps the restart in its stopping phase for stop_timeout
     restart = h.call(lambda: h.sup.restart())
-    assert h.sup.state is State.STOPPING
+    assert h.sup.state is State.RESTARTING, "a Restart is not the daemon going away"
     began = time.monotonic()
     h.sup.request_stop("systemctl stop")
     assert h.stop_and_wait() == 0

@@ -33,8 +33,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cxrd.config import Config
+from cxrd.core import operations, supervisor
 from cxrd.core.choice import Choice
-from cxrd.core.states import ChildState, State
+from cxrd.core.states import ChildState, Phase, State
 from cxrd.errors import CxrdError, InvalidConfig
 
 PROFILES = st.sampled_from(["Quest3", "AppleVisionPro", "auto-webrtc"])
@@ -90,6 +91,17 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.violations: list[str] = []
         self.changes = 0  # Restarts and reloads asked for: they may change what a Start got
         self.calls.append(self.h.call(self.h.sup.launch))
+        # Checked when a caller is answered, not when its task next runs (by then a
+        # later Restart may already be stopping the runtime).
+        self._answer = operations.answer
+        operations.answer = supervisor.answer = self._checked_answer
+
+    def _checked_answer(self, reply: Any, outcome: str | CxrdError) -> None:
+        """A request answered "ready" is answered with a runtime there."""
+        runtime = self.h.sup._runtime.state
+        if outcome == "ready" and not reply.done() and runtime is not ChildState.RUNNING:
+            self.violations.append(f"answered ready with the runtime {runtime}")
+        self._answer(reply, outcome)
 
     # ---- requests ----
 
@@ -99,12 +111,10 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.calls.append(task)
 
     def _check_answer(self, task: asyncio.Task[Any]) -> None:
-        """A Start answered with success is answered with a runtime there."""
+        """A Start answered with success runs what it asked for, unless changed since."""
         if task.cancelled() or task.exception() is not None:
             return
         sup = self.h.sup
-        if getattr(task, "is_start", False) and sup._runtime.state is not ChildState.RUNNING:
-            self.violations.append(f"Start answered with the runtime {sup._runtime.state}")
         choice, changes = getattr(task, "asked", (None, 0))
         if choice is not None and changes == self.changes:
             differs = choice.differences(sup._running_config)
@@ -119,7 +129,6 @@ class SupervisorMachine(RuleBasedStateMachine):
     @rule(choice=CHOICES)
     def start(self, choice: Choice) -> None:
         task = self.h.loop.create_task(self.h.sup.start(choice=choice))
-        task.is_start = True  # type: ignore[attr-defined]
         task.asked = (choice, self.changes)  # type: ignore[attr-defined]
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         task.add_done_callback(self._check_answer)
@@ -213,7 +222,7 @@ class SupervisorMachine(RuleBasedStateMachine):
 
     @invariant()
     def start_answers_only_with_a_runtime(self) -> None:
-        assert self.violations == []
+        assert self.violations == [], self.violations
 
     @invariant()
     def no_internal_error(self) -> None:
@@ -238,8 +247,10 @@ class SupervisorMachine(RuleBasedStateMachine):
         if state is State.READY:
             assert runtime is ChildState.RUNNING and self.h.world.alive("runtime")
             assert sup.snapshot().runtime.pid == self.h.world.alive("runtime")[0].pid
-        if state is State.RESTARTING:
+        if state is State.RESTARTING and sup._phase is Phase.NONE:
             assert runtime is not ChildState.RUNNING
+        if state is State.STOPPING:
+            assert sup._stop_latched, "stopping is only the daemon going away"
         if state is State.STOPPED and sup._launched:
             assert self.h.world.live == []
 
@@ -261,6 +272,7 @@ class SupervisorMachine(RuleBasedStateMachine):
             unanswered = [t for t in self.calls if not t.done()]
             assert unanswered == [], f"{len(unanswered)} callers never answered"
         finally:
+            operations.answer = supervisor.answer = self._answer
             self.h.close()
             self.tmp.cleanup()
 

@@ -47,5 +47,5 @@ def quietly(doing: str, call: Callable[[], _T], default: _T) -> _T:
     try:
         return call()
     except Exception as exc:
-        log.warning("%s: %s", doing, named_failure(doing, exc))
+        log.warning("%s", named_failure(doing, exc))
         return default

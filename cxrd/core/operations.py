@@ -47,9 +47,12 @@ class Operations(Runner):
         self._queue: deque[Operation] = deque()
         self._start_waiters: list[M.Reply] = []
         self._status_line = ""  # the last STATUS= sent
+        # systemd has READY=1 and no STOPPING=1 since: a reload may say RELOADING=1, then READY=1.
+        self._told_ready = False
+        self._ever_leased = False  # a lease was granted once: the idle timer may run
 
     # to be provided by the supervisor
-    def _arm_idle(self) -> None:
+    def _arm_idle(self, why: str) -> None:
         raise NotImplementedError
 
     def _disarm_idle(self) -> None:
@@ -62,8 +65,19 @@ class Operations(Runner):
             return Busy("the daemon is stopping; start it again once it has exited")
         return None
 
+    def _tell(self, *lines: str) -> None:
+        """sd_notify: the one way out; READY=1 never after a failure or STOPPING=1."""
+        if "READY=1" in lines:
+            if self._failure is not None or self._stop_latched:
+                lines = tuple(line for line in lines if line != "READY=1")
+            else:
+                self._told_ready = True
+        if "STOPPING=1" in lines or self._failure is not None:
+            self._told_ready = False
+        if lines:
+            self._notifier.notify(*lines)
+
     def _on_reload(self, msg: M.ReloadRequest) -> None:
-        self._notifier.notify("RELOADING=1", "STATUS=Reloading the configuration")
         if (refused := self._refusal()) is not None:
             self._reload_answered(msg.reply, refused)
             return
@@ -84,7 +98,8 @@ class Operations(Runner):
             log.info("reload: %s", outcome)
             words = f"configuration reloaded: {outcome}"
         line = f"STATUS={DESCRIPTIONS[self._state]}; {words}"
-        self._notifier.notify("READY=1", line)
+        # Only a reload that began told systemd RELOADING=1; only that one ends it.
+        self._tell(*(("READY=1",) if self._told_ready else ()), line)
         # This line says what happened; the same turn's smaller news does not replace it.
         self._status_line, self._reason = line, ""
         answer(reply, outcome)
@@ -106,6 +121,9 @@ class Operations(Runner):
             return
         op = self._op = self._queue.popleft()
         log.info("%s: preparing (%s)", op.kind.value, _described(op.choice))
+        if op.kind is Kind.RELOAD and self._told_ready:
+            # The reload begins now, not when it was queued behind the first start.
+            self._tell("RELOADING=1", "STATUS=Reloading the configuration")
         op.prep = asyncio.create_task(self._prepare(op), name=f"cxrd-prepare-{op.kind.value}")
 
     async def _prepare(self, op: Operation) -> None:
@@ -186,8 +204,10 @@ class Operations(Runner):
             child.policy.reconfigure(r.max_restarts, r.window, r.backoff_initial, r.backoff_max)
         if not config.stop_when_idle:
             self._disarm_idle()
-        else:
-            self._arm_idle()
+        elif self._ever_leased:
+            # Idle means that a lease existed and none is left; a daemon nobody has
+            # leased yet waits for its first lease, whatever a reload changed.
+            self._arm_idle("the last lease ended before stop_when_idle was reloaded")
 
     def _swap_proxy_launch(self, op: Operation) -> None:
         """The prepared proxy replaces the old one once the old process is gone."""

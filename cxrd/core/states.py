@@ -57,18 +57,17 @@ _CHILD: dict[ChildState, frozenset[ChildState]] = {
 _DAEMON: dict[State, frozenset[State]] = {
     # STOPPED -> STARTING (the first start) | FAILED (it could not even begin: no EULA, ...)
     State.STOPPED: frozenset({State.STARTING, State.FAILED}),
-    # STARTING -> READY | STOPPING (Stop, or a Restart stops what was starting) | FAILED
+    # STARTING -> READY | STOPPING (a Stop) | FAILED
     #   | STOPPED (a Stop before anything was spawned)
     State.STARTING: frozenset({State.READY, State.STOPPING, State.FAILED, State.STOPPED}),
-    # READY -> RESTARTING (the runtime crashed) | STOPPING (Stop, Restart, Reload) | FAILED
+    # READY -> RESTARTING (a crash, a Restart, a Reload that restarts the runtime)
+    #   | STOPPING (a Stop) | FAILED
     State.READY: frozenset({State.RESTARTING, State.STOPPING, State.FAILED}),
-    # RESTARTING -> READY | STOPPING | STARTING (Restart/Reload with nothing left to stop)
-    #   | FAILED (gave up) | STOPPED (a Stop during a backoff, with nothing else running)
-    State.RESTARTING: frozenset(
-        {State.READY, State.STOPPING, State.STARTING, State.FAILED, State.STOPPED}
-    ),
-    # STOPPING -> STOPPED (the end) | STARTING (Restart/Reload: the same daemon starts again)
-    State.STOPPING: frozenset({State.STOPPED, State.STARTING}),
+    # RESTARTING -> READY | STOPPING (a Stop) | FAILED (gave up)
+    #   | STOPPED (a Stop during a backoff, with nothing else running)
+    State.RESTARTING: frozenset({State.READY, State.STOPPING, State.FAILED, State.STOPPED}),
+    # STOPPING -> STOPPED: the daemon is going away; nothing starts after a Stop.
+    State.STOPPING: frozenset({State.STOPPED}),
     # STOPPED after a stop and FAILED are the end: the daemon exits.
     State.FAILED: frozenset(),
 }
@@ -99,6 +98,7 @@ def public_state(
     everything_stopped: bool,
     phase: Phase,
     launched: bool,
+    was_ready: bool,
     runtime: ChildState,
 ) -> State:
     """The daemon's state from the children and the supervisor's latches.
@@ -106,16 +106,16 @@ def public_state(
     Only the runtime decides ``ready`` against ``restarting``: a proxy that
     restarts or gives up leaves the daemon ``ready`` (the daemon keeps its
     port open throughout, and native clients do not use the proxy); the
-    proxy's own state is in ``Status()``.
+    proxy's own state is in ``Status()``. ``stopping`` means only that the
+    daemon is going away: a run after the first ready one (a Restart, a
+    Reload that restarts the runtime) is ``restarting`` from its stop to ready.
     """
     if failed:
         return State.FAILED
     if stop_latched:
         return State.STOPPED if everything_stopped else State.STOPPING
-    if phase is Phase.STOPPING:
-        return State.STOPPING
-    if phase is Phase.STARTING:
-        return State.STARTING
+    if phase is not Phase.NONE:
+        return State.RESTARTING if was_ready else State.STARTING
     if not launched:
         return State.STOPPED
     return State.READY if runtime is ChildState.RUNNING else State.RESTARTING
@@ -133,7 +133,7 @@ class StateChanged:
 DESCRIPTIONS: dict[State, str] = {
     State.STARTING: "Starting the CloudXR runtime and the WSS proxy",
     State.READY: "CloudXR runtime ready",
-    State.RESTARTING: "Restarting the runtime after a crash",
+    State.RESTARTING: "Restarting the CloudXR runtime",
     State.STOPPING: "Stopping the CloudXR runtime and the WSS proxy",
     State.STOPPED: "Stopped",
     State.FAILED: "Failed",

@@ -93,6 +93,7 @@ class Supervisor(Operations):
         self._headsets: dict[str, Headset] = {}  # what the running proxy reported
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_token = 0
+        self._idle_why = ""  # what armed the idle timer, for the log of the stop
         self._claimed = False  # a client has used the runtime: its profile is no longer free
         self._extender: asyncio.TimerHandle | None = None
         self._coming_up_at: float | None = None  # clock() on entering starting/restarting
@@ -258,6 +259,7 @@ class Supervisor(Operations):
             raise refused
         lease = Lease(id=uuid.uuid4().hex, holder=holder, pid=pid, reason=reason, since=time.time())
         self._leases[lease.id] = lease
+        self._ever_leased = True
         self._disarm_idle()
         log.info("lease %s acquired by %s (pid %d): %s", lease.id, holder, pid, reason)
         self._emit(Updated())
@@ -282,13 +284,15 @@ class Supervisor(Operations):
 
     def _after_release(self) -> None:
         self._emit(Updated())
-        self._arm_idle()
+        self._arm_idle("the last lease ended")
 
-    def _arm_idle(self) -> None:
+    def _arm_idle(self, why: str) -> None:
+        """Stop after idle_grace with no lease: armed only once a lease has been held."""
         if self._leases or not self._config.stop_when_idle or self._idle_timer is not None:
             return
         grace = self._config.idle_grace
-        log.info("no lease held; stopping in %.0f s unless a new one is taken", grace)
+        log.info("%s; stopping in %.0f s unless a new lease is taken", why, grace)
+        self._idle_why = why
         token = self._idle_token
         self._idle_timer = asyncio.get_running_loop().call_later(
             grace, self._post, M.IdleCheck(token)
@@ -340,7 +344,7 @@ class Supervisor(Operations):
             if msg.token == self._idle_token and not self._leases and self._config.stop_when_idle:
                 self._idle_timer = None
                 grace = self._config.idle_grace
-                self.request_stop(f"idle for {grace:g} s after the last lease ended")
+                self.request_stop(f"idle for {grace:g} s: {self._idle_why}")
         elif isinstance(msg, M.Prepared):
             self._on_prepared(msg)
 
@@ -399,7 +403,7 @@ class Supervisor(Operations):
     # ---- the end -------------------------------------------------------------
 
     def _on_stop(self, reason: str) -> None:
-        self._notifier.notify("STOPPING=1")
+        self._tell("STOPPING=1")
         if self._failure is not None:
             log.info("%s while failed: stopping what is left", reason)
             self._stop_everything()
@@ -441,6 +445,7 @@ class Supervisor(Operations):
             everything_stopped=self._everything_stopped(),
             phase=self._phase,
             launched=self._launched,
+            was_ready=self._was_ready,
             runtime=self._runtime.state,
         )
         old = self._state
@@ -460,7 +465,7 @@ class Supervisor(Operations):
             lines.append("READY=1")
         if lines:
             self._status_line = line
-            self._notifier.notify(*lines)
+            self._tell(*lines)
         if new is not old:
             self._emit(StateChanged(new, old, reason))
             self._answer_start_waiters()
@@ -486,7 +491,7 @@ class Supervisor(Operations):
             self._extender.cancel()
             self._extender = None
         if self._state is State.STARTING:
-            self._notifier.notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_BY * 1e6)}")
+            self._tell(f"EXTEND_TIMEOUT_USEC={int(EXTEND_BY * 1e6)}")
             loop = asyncio.get_running_loop()
             self._extender = loop.call_later(EXTEND_EVERY, self._extend_while_starting)
 
