@@ -36,6 +36,7 @@ class ProxyConfig:
     max_per_address: int = 16  # connections from one address, sessions included
     handshake_timeout: float = 5.0  # accept to TLS handshake done
     head_timeout: float = 5.0  # TLS handshake done to the whole request head
+    send_timeout: float = 10.0  # an HTTP answer the client takes none of for this long: dropped
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     host_client: bool = True  # serve the web client at /client/
@@ -117,6 +118,7 @@ def checked_proxy(proxy: ProxyConfig, src: str) -> ProxyConfig:
         "max_per_address": proxy.max_per_address,
         "handshake_timeout": proxy.handshake_timeout,
         "head_timeout": proxy.head_timeout,
+        "send_timeout": proxy.send_timeout,
         "ping_interval": proxy.ping_interval,
         "ping_timeout": proxy.ping_timeout,
     }

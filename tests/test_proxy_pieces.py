@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from support import TIMEOUT, free_port
 
-from cxrd.config import Config, ProxyConfig, RuntimeConfig
-from cxrd.errors import StartFailed
+from cxrd.config import Config, ProxyConfig, RuntimeConfig, load_config
+from cxrd.errors import InvalidConfig, StartFailed
 from cxrd.proxy import frames as F
+from cxrd.proxy.__main__ import parse_args
 from cxrd.proxy.certs import ensure_certificate, generate_pair, validate_pair
-from cxrd.proxy.launch import prepare_proxy
+from cxrd.proxy.launch import ProxyLaunch, prepare_proxy
 from cxrd.proxy.relay import Half
+from cxrd.proxy.server import ProxyOptions
 from cxrd.system.addresses import ipv4_addresses
 from cxrd.system.listeners import bind_listener, port_holder
 
@@ -234,6 +237,49 @@ def test_urls_on_every_address_name_each_ipv4_address_not_the_host_name(tmp_path
     expected = [f"https://{a}:{port}/client/?serverIP={a}&port={port}" for a in addresses]
     assert list(launch.urls[: len(addresses)]) == expected
     assert all(socket.gethostname() + ":" not in url for url in launch.urls)
+
+
+PROCESS_SETTINGS = (
+    "max_message_size", "max_connections", "max_pending", "max_per_address",
+    "handshake_timeout", "head_timeout", "send_timeout", "ping_interval", "ping_timeout",
+)  # fmt: skip
+
+
+def test_every_proxy_setting_in_the_config_reaches_the_proxy_process(tmp_path: Path) -> None:
+    path = tmp_path / "cxrd.toml"
+    path.write_text(
+        "[proxy]\nmax_message_size = 65536\nmax_connections = 7\nmax_pending = 9\n"
+        "max_per_address = 3\nhandshake_timeout = 1.5\nhead_timeout = 2.5\n"
+        "send_timeout = 3.5\nping_interval = 4.5\nping_timeout = 5.5\n"
+        "allow = ['::ffff:10.0.0.7', '10.1.0.0/16']\n"
+        "origins = ['HTTPS://Lab.Example:8443', '*']\n"
+    )
+    settings = load_config(path).proxy
+    with socket.socket() as listener:
+        launch = ProxyLaunch(
+            listener=listener,
+            urls=(),
+            port=48322,
+            log_path=tmp_path / "wss.log",
+            cert=tmp_path / "server.crt",
+            key=tmp_path / "server.key",
+            settings=settings,
+        )
+        argv = launch.spec(ready_fd=3).argv
+    assert argv[1:3] == ("-m", "cxrd.proxy")
+    args = parse_args(list(argv[3:]))
+    assert {key: getattr(args, key) for key in PROCESS_SETTINGS} == {
+        key: getattr(settings, key) for key in PROCESS_SETTINGS
+    }
+    assert args.allow == [ip_network("10.0.0.7/32"), ip_network("10.1.0.0/16")]
+    assert args.origin == ["https://lab.example:8443", "*"]
+    # Left out of the file, the proxy runs with the config's defaults.
+    defaults = {key: getattr(ProxyConfig(), key) for key in PROCESS_SETTINGS}
+    assert {key: getattr(ProxyOptions(), key) for key in PROCESS_SETTINGS} == defaults
+    assert defaults["send_timeout"] == 10.0
+    path.write_text("[proxy]\nsend_timeout = 0\n")
+    with pytest.raises(InvalidConfig, match=r"proxy\.send_timeout: must be greater than 0"):
+        load_config(path)
 
 
 # The frame scanner ---------------------------------------------------------------

@@ -84,15 +84,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--handshake-timeout", type=_positive_float, default=defaults.handshake_timeout
     )
     parser.add_argument("--head-timeout", type=_positive_float, default=defaults.head_timeout)
-    parser.add_argument("--ping-interval", type=_positive_float, default=defaults.ping_interval)
-    parser.add_argument("--ping-timeout", type=_positive_float, default=defaults.ping_timeout)
-    parser.add_argument("--client-dir", type=Path, help="serve the web client from here")
     parser.add_argument(
         "--send-timeout",
         type=_positive_float,
         default=defaults.send_timeout,
         help="drop a client that takes none of an answer for this many seconds",
     )
+    parser.add_argument("--ping-interval", type=_positive_float, default=defaults.ping_interval)
+    parser.add_argument("--ping-timeout", type=_positive_float, default=defaults.ping_timeout)
+    parser.add_argument("--client-dir", type=Path, help="serve the web client from here")
     parser.add_argument(
         "--origin",
         action="append",

@@ -91,6 +91,8 @@ class ProxyLaunch:
             repr(s.handshake_timeout),
             "--head-timeout",
             repr(s.head_timeout),
+            "--send-timeout",
+            repr(s.send_timeout),
             "--ping-interval",
             repr(s.ping_interval),
             "--ping-timeout",
