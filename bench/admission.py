@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import free_port
-from proxy_relay import backend_role, isaacteleop_role, start, wait_ready
+from proxy_relay import run_peer_role, start, wait_ready
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
@@ -227,11 +227,7 @@ def main() -> None:
     parser.add_argument("--probe-timeout", type=float, default=3.0)
     parser.add_argument("--rate", type=float, default=300.0, help="attacker connects per second")
     args = parser.parse_args()
-    if args.role == "backend":
-        asyncio.run(backend_role(args.port))
-        return
-    if args.role == "isaacteleop":
-        asyncio.run(isaacteleop_role(args.port, args.backend_port))
+    if run_peer_role(args):
         return
 
     from cxrd.proxy.certs import ensure_certificate

@@ -117,7 +117,8 @@ async def asyncio_tls_role(port: int, backend_port: int, cert: str, key: str) ->
     from asyncio.sslproto import SSLProtocol
 
     from cxrd.proxy.admission import Ticket
-    from cxrd.proxy.server import ClientConn, ProxyOptions, ProxyServer, server_tls_context
+    from cxrd.proxy.connection import ClientConn
+    from cxrd.proxy.server import ProxyOptions, ProxyServer, server_tls_context
     from cxrd.system.listeners import bind_listener
 
     class AsyncioTlsProxy(ProxyServer):
@@ -263,6 +264,18 @@ def wait_ready(proc: subprocess.Popen[str], what: str) -> None:
         raise SystemExit(f"{what} did not start (got {line!r})")
 
 
+def run_peer_role(args: argparse.Namespace) -> bool:
+    """Run ``--role backend`` or ``--role isaacteleop`` (bench/admission.py's too) to its
+    end; False for any other role."""
+    if args.role == "backend":
+        asyncio.run(backend_role(args.port))
+    elif args.role == "isaacteleop":
+        asyncio.run(isaacteleop_role(args.port, args.backend_port))
+    else:
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -279,11 +292,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--size", type=int, default=200, help="message size in bytes")
     args = parser.parse_args()
-    if args.role == "backend":
-        asyncio.run(backend_role(args.port))
-        return
-    if args.role == "isaacteleop":
-        asyncio.run(isaacteleop_role(args.port, args.backend_port))
+    if run_peer_role(args):
         return
     if args.role == "splice":
         asyncio.run(splice_role(args.port, args.backend_port))

@@ -8,6 +8,7 @@ The policy's tables are tested pure; the rest against the real proxy process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import resource
@@ -22,21 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures_proxy import UPGRADE, Backend, Proxy, client_tls, open_ws, run
 from support import TIMEOUT, free_port, wait_until
-from test_proxy import Backend, Proxy, client_tls, open_ws, run
 
 from cxrd.proxy.admission import Admission, Phase, Refusal, RefusalLog, Ticket, peer_address
-from cxrd.proxy.certs import ensure_certificate
+from cxrd.proxy.connection import FOREIGN_ORIGIN
 
 HEADSET = "127.0.0.1"
 ATTACKER = "127.0.0.2"
 A = ipaddress.ip_address(ATTACKER)
 H = ipaddress.ip_address(HEADSET)
 ONE_SECOND = TIMEOUT / 10  # "within a second", scaled like every wait here
-UPGRADE = (
-    b"GET /held HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
 
 
 # The policy, pure ---------------------------------------------------------------
@@ -95,23 +92,16 @@ def test_refusals_are_logged_once_per_interval_with_a_count() -> None:
     assert refusals.line(Refusal.NOT_ALLOWED, "127.0.0.2:1") is not None
     assert [refusals.line(Refusal.NOT_ALLOWED, f"127.0.0.2:{p}") for p in range(5)] == [None] * 5
     assert refusals.line(Refusal.ADDRESS_FULL, "127.0.0.2:9") is not None  # another kind
+    # A web page's Origin refused after TLS (cxrd.proxy.connection) is one more kind.
+    assert [refusals.more(FOREIGN_ORIGIN) for _ in range(3)] == ["", None, None]
     now[0] = 10.5
     line = refusals.line(Refusal.NOT_ALLOWED, "127.0.0.2:7")
     assert line is not None and "and 5 more" in line and "proxy.allow" in line
+    assert refusals.more(FOREIGN_ORIGIN) == " (and 2 more since the last such line)"
+    assert refusals.line(Refusal.NOT_ALLOWED, "127.0.0.2:8") is None  # the interval again
 
 
 # The real proxy --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return ensure_certificate(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Backend]:
-    with Backend() as server:
-        yield server
 
 
 class Held:
@@ -148,7 +138,7 @@ class Held:
 
     def session(self) -> None:
         sock = self.tls_done()
-        sock.sendall(UPGRADE)
+        sock.sendall(UPGRADE.format(path="/held").encode())
         assert sock.recv(4096).startswith(b"HTTP/1.1 101 ")
 
     def open_count(self) -> int:
@@ -157,6 +147,21 @@ class Held:
     def close(self) -> None:
         for sock in self.socks:
             sock.close()
+
+
+@contextlib.contextmanager
+def attacked(
+    certs: tuple[Path, Path], backend: Backend, *flags: str
+) -> Iterator[tuple[Proxy, Held]]:
+    """A proxy with these flags, and the attacker's sockets to it; both closed at the end
+    (the proxy's lines stay for the test to read)."""
+    proxy = Proxy(certs, backend.port, *flags)
+    held = Held(proxy, certs)
+    try:
+        yield proxy, held
+    finally:
+        held.close()
+        assert proxy.stop() == 0
 
 
 def closed(sock: socket.socket) -> bool:
@@ -189,18 +194,13 @@ def test_a_peer_outside_allow_is_closed_at_accept_before_any_tls_byte(
     certs: tuple[Path, Path], backend: Backend
 ) -> None:
     # The headset is allowed by its IPv4-mapped spelling: it means 127.0.0.1.
-    proxy = Proxy(certs, backend.port, "--allow", "::ffff:127.0.0.1")
-    held = Held(proxy, certs)
-    try:
+    with attacked(certs, backend, "--allow", "::ffff:127.0.0.1") as (proxy, held):
         assert all(held.refused() for _ in range(20))
         line = proxy.wait_line("refused at accept")
         assert ATTACKER in line and "not in proxy.allow" in line
         with pytest.raises(OSError):  # a reset or an EOF: never a ServerHello
             held.tls_done()
         assert headset_connects(proxy, certs, 1)
-    finally:
-        held.close()
-        assert proxy.stop() == 0
     refusals = [line for line in list(proxy.lines.queue) if "refused at accept" in line]
     assert refusals == [], "one line for the whole burst (rate-limited)"
 
@@ -210,9 +210,7 @@ def test_a_headset_gets_in_within_a_second_while_another_address_holds_the_table
 ) -> None:
     # The attacker's share (12) is more than the pending table (8): only eviction
     # of its oldest half-open connections lets the headset in.
-    proxy = Proxy(certs, backend.port, "--max-pending", "8", "--max-per-address", "12")
-    held = Held(proxy, certs)
-    try:
+    with attacked(certs, backend, "--max-pending", "8", "--max-per-address", "12") as (proxy, held):
         for _ in range(4):
             held.session()  # idle WebSocket sessions
         for _ in range(3):
@@ -227,36 +225,27 @@ def test_a_headset_gets_in_within_a_second_while_another_address_holds_the_table
         assert max(times) < ONE_SECOND
         assert held.open_count() <= 12
         proxy.wait_line("max_per_address reached")
-    finally:
-        held.close()
-        assert proxy.stop() == 0
 
 
 def test_handshake_and_head_deadlines_close_half_open_connections(
     certs: tuple[Path, Path], backend: Backend
 ) -> None:
-    proxy = Proxy(certs, backend.port, "--handshake-timeout", "0.3", "--head-timeout", "0.3")
-    held = Held(proxy, certs)
-    try:
+    deadlines = ("--handshake-timeout", "0.3", "--head-timeout", "0.3")
+    with attacked(certs, backend, *deadlines) as (_, held):
         started = time.monotonic()
         socks = [held.tcp(), held.tls_done()]
         held.partial_head()
         wait_until(lambda: held.open_count() == 0, "the deadlines to close all three")
         assert time.monotonic() - started >= 0.25
         assert all(closed(sock) for sock in socks)
-    finally:
-        held.close()
-        assert proxy.stop() == 0
 
 
 def test_out_of_fds_the_proxy_backs_off_logs_once_and_accepts_again(
     certs: tuple[Path, Path], backend: Backend
 ) -> None:
-    proxy = Proxy(certs, backend.port)
-    held = Held(proxy, certs)
-    pid = proxy.proc.pid
-    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    try:
+    with attacked(certs, backend) as (proxy, held):
+        pid = proxy.proc.pid
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         in_use = len(os.listdir(f"/proc/{pid}/fd"))
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 2, hard))
         for _ in range(6):
@@ -268,9 +257,6 @@ def test_out_of_fds_the_proxy_backs_off_logs_once_and_accepts_again(
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
         proxy.wait_line("accepting again after")
         assert headset_connects(proxy, certs, 1)
-    finally:
-        held.close()
-        assert proxy.stop() == 0
     again = [line for line in list(proxy.lines.queue) if "accept() failed" in line]
     assert again == [], "logged once however many retries"
 

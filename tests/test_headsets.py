@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -195,6 +196,37 @@ def _chromium_argv(profile: Path, *args: str) -> list[str]:
     ]  # fmt: skip
 
 
+@contextlib.asynccontextmanager
+async def headless_chromium(
+    profile: Path,
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """A headless Chromium on about:blank: its process and its page's DevTools WebSocket
+    URL (for :class:`DevTools`); killed, if still running, and reaped at the end."""
+    browser = await asyncio.create_subprocess_exec(
+        *_chromium_argv(profile, "--remote-debugging-port=0", "about:blank"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert browser.stderr is not None
+        devtools = ""
+        while not devtools:
+            line = (await browser.stderr.readline()).decode()
+            assert line, "chromium exited before it listened for DevTools"
+            if found := re.search(r"DevTools listening on (ws://\S+)", line):
+                devtools = found.group(1)
+        http_base = devtools.split("/devtools/")[0].replace("ws://", "http://")
+        pages = await asyncio.to_thread(_json, f"{http_base}/json/list")
+        yield browser, next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"]
+    finally:
+        if browser.returncode is None:
+            browser.kill()
+        assert browser.stderr is not None
+        async with asyncio.timeout(TIMEOUT):
+            await browser.stderr.read()  # to its end, so the pipe is closed with the loop
+            await browser.wait()
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (setup.sh)")
 def test_headless_chromium_accepts_the_certificate_opens_the_client_and_is_seen(
     bus_daemon: BusDaemon, tmp_path: Path
@@ -217,49 +249,30 @@ def test_headless_chromium_accepts_the_certificate_opens_the_client_and_is_seen(
     assert "Certificate accepted" in dumped.stdout, dumped.stderr[-2000:]
 
     async def scenario() -> None:
-        browser = await asyncio.create_subprocess_exec(
-            *_chromium_argv(tmp_path / "profile", "--remote-debugging-port=0", "about:blank"),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            async with AsyncCloudXRClient(bus_daemon.address) as client, client.watch() as events:
-                assert browser.stderr is not None
-                devtools = ""
-                while not devtools:
-                    line = (await browser.stderr.readline()).decode()
-                    assert line, "chromium exited before it listened for DevTools"
-                    if found := re.search(r"DevTools listening on (ws://\S+)", line):
-                        devtools = found.group(1)
-                http_base = devtools.split("/devtools/")[0].replace("ws://", "http://")
-                pages = await asyncio.to_thread(_json, f"{http_base}/json/list")
-                page = next(p for p in pages if p["type"] == "page")
-                async with connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
-                    tab = DevTools(ws)
-                    dom = await tab.open_and_wait(cert_page, "Certificate accepted")
-                    assert "This browser now trusts the CloudXR proxy" in dom
-                    await tab.screenshot(tmp_path / "certificate-page.png")
-                    dom = await tab.open_and_wait(client_page, "echo: hello through the proxy")
-                    assert "cxrd test client" in dom
-                    await tab.screenshot(tmp_path / "client-page.png")
-                    agent = await tab.evaluate("navigator.userAgent")
-                    joined = await _next_headset_event(events)
-                    assert joined.connected and joined.user_agent == agent
-                    assert "HeadlessChrome" in agent and joined.address == "127.0.0.1"
-                    shown = await asyncio.to_thread(cxrctl, bus_daemon, "status")
-                    assert "Headsets: 1 — 127.0.0.1 headless Chrome" in shown.stdout
-                    assert client_page in shown.stdout
-                browser.send_signal(signal.SIGTERM)
-                left = await _next_headset_event(events)
-                assert (left.connected, left.id) == (False, joined.id)
-                assert await client.headsets() == ()
-        finally:
-            if browser.returncode is None:
-                browser.kill()
-            assert browser.stderr is not None
-            async with asyncio.timeout(TIMEOUT):
-                await browser.stderr.read()  # to its end, so the pipe is closed with the loop
-                await browser.wait()
+        async with (
+            headless_chromium(tmp_path / "profile") as (browser, page),
+            AsyncCloudXRClient(bus_daemon.address) as client,
+            client.watch() as events,
+        ):
+            async with connect(page, max_size=None) as ws:
+                tab = DevTools(ws)
+                dom = await tab.open_and_wait(cert_page, "Certificate accepted")
+                assert "This browser now trusts the CloudXR proxy" in dom
+                await tab.screenshot(tmp_path / "certificate-page.png")
+                dom = await tab.open_and_wait(client_page, "echo: hello through the proxy")
+                assert "cxrd test client" in dom
+                await tab.screenshot(tmp_path / "client-page.png")
+                agent = await tab.evaluate("navigator.userAgent")
+                joined = await _next_headset_event(events)
+                assert joined.connected and joined.user_agent == agent
+                assert "HeadlessChrome" in agent and joined.address == "127.0.0.1"
+                shown = await asyncio.to_thread(cxrctl, bus_daemon, "status")
+                assert "Headsets: 1 — 127.0.0.1 headless Chrome" in shown.stdout
+                assert client_page in shown.stdout
+            browser.send_signal(signal.SIGTERM)
+            left = await _next_headset_event(events)
+            assert (left.connected, left.id) == (False, joined.id)
+            assert await client.headsets() == ()
 
     asyncio.run(asyncio.wait_for(scenario(), 8 * TIMEOUT))
     assert (tmp_path / "client-page.png").stat().st_size > 1000

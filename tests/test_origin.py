@@ -17,30 +17,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from fixtures_proxy import Backend, Proxy, client_tls, fetch
 from support import TIMEOUT
-from test_headsets import CHROMIUM, DevTools, _chromium_argv, _json
-from test_proxy import Backend, Proxy, client_tls, fetch
+from test_headsets import CHROMIUM, DevTools, headless_chromium
 from websockets.asyncio.client import connect
 
-from cxrd.config import ProxyConfig, load_config
+from cxrd.config import load_config
 from cxrd.errors import InvalidConfig
-from cxrd.proxy.__main__ import parse_args
-from cxrd.proxy.certs import ensure_certificate
-from cxrd.proxy.launch import ProxyLaunch
 from cxrd.system.addresses import headset_urls
 
 PUBLISHED = "https://nvidia.github.io"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return ensure_certificate(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Backend]:
-    with Backend() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -167,23 +153,6 @@ def test_proxy_origins_in_the_config_are_normalised_or_refused_by_name(tmp_path:
         load_config(path)
 
 
-def test_proxy_origins_reach_the_proxy_process(tmp_path: Path) -> None:
-    settings = ProxyConfig(origins=("https://lab.example:8443", "*"))
-    with socket.socket() as listener:
-        launch = ProxyLaunch(
-            listener=listener,
-            urls=(),
-            port=48322,
-            log_path=tmp_path / "wss.log",
-            cert=tmp_path / "server.crt",
-            key=tmp_path / "server.key",
-            settings=settings,
-        )
-        argv = launch.spec(ready_fd=3).argv
-    assert argv[1:3] == ("-m", "cxrd.proxy")
-    assert parse_args(list(argv[3:])).origin == ["https://lab.example:8443", "*"]
-
-
 # A real browser -------------------------------------------------------------------
 
 OTHER_PAGE = """<!doctype html><meta charset=utf-8><title>elsewhere</title><p id=s>connecting</p>
@@ -235,43 +204,23 @@ def test_headless_chromium_on_a_page_of_another_origin_cannot_open_the_websocket
     lax = Proxy(certs, backend.port, "--origin", "*")  # the same page, let in: the control
 
     async def scenario(pages: list[str]) -> list[str]:
-        browser = await asyncio.create_subprocess_exec(
-            *_chromium_argv(tmp_path / "profile", "--remote-debugging-port=0", "about:blank"),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            assert browser.stderr is not None
-            devtools = ""
-            while not devtools:
-                line = (await browser.stderr.readline()).decode()
-                assert line, "chromium exited before it listened for DevTools"
-                if found := re.search(r"DevTools listening on (ws://\S+)", line):
-                    devtools = found.group(1)
-            http_base = devtools.split("/devtools/")[0].replace("ws://", "http://")
-            tabs = await asyncio.to_thread(_json, f"{http_base}/json/list")
-            tab = next(t for t in tabs if t["type"] == "page")
-            shown = []
-            async with connect(tab["webSocketDebuggerUrl"], max_size=None) as ws:
-                devtools_tab = DevTools(ws)
-                for page in pages:
-                    await devtools_tab.open_and_wait(page, "</p>")
-                    result = "connecting"
-                    async with asyncio.timeout(TIMEOUT):
-                        while result == "connecting":
-                            await asyncio.sleep(0.05)  # the page is Chromium's: polled, bounded
-                            result = await devtools_tab.evaluate(
-                                "document.getElementById('s').textContent"
-                            )
-                    shown.append(result)
-            return shown
-        finally:
-            if browser.returncode is None:
-                browser.kill()
-            assert browser.stderr is not None
-            async with asyncio.timeout(TIMEOUT):
-                await browser.stderr.read()
-                await browser.wait()
+        shown = []
+        async with (
+            headless_chromium(tmp_path / "profile") as (_, tab),
+            connect(tab, max_size=None) as ws,
+        ):
+            devtools_tab = DevTools(ws)
+            for page in pages:
+                await devtools_tab.open_and_wait(page, "</p>")
+                result = "connecting"
+                async with asyncio.timeout(TIMEOUT):
+                    while result == "connecting":
+                        await asyncio.sleep(0.05)  # the page is Chromium's: polled, bounded
+                        result = await devtools_tab.evaluate(
+                            "document.getElementById('s').textContent"
+                        )
+                shown.append(result)
+        return shown
 
     try:
         with (

@@ -8,23 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_proxy import Backend, Proxy, fetch, open_ws, run
+from fixtures_proxy import Backend, Proxy, fetch, open_ws, run
 
-from cxrd.proxy.certs import ensure_certificate
 from cxrd.proxy.static import MAX_FILE_SIZE
 
 INDEX = b"<!doctype html><title>test client</title><script src=app.js></script>\n"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return ensure_certificate(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Backend]:
-    with Backend() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,21 @@
 """A client's pings are the proxy's to answer: never passed to the runtime, pongs rate-bound.
 
 A real ``python -m cxrd.proxy`` in front of the recording websockets backend of
-tests/test_proxy.py (its log of every frame it receives).
+tests/fixtures_proxy.py (its log of every frame it receives).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures_proxy import Backend, Proxy, client_tls, open_raw_ws, open_ws, run
 from support import TIMEOUT
-from test_proxy import Backend, Proxy, client_tls, open_raw_ws, open_ws, run
 
 from cxrd.proxy import frames as F
-from cxrd.proxy.certs import ensure_certificate
 from cxrd.proxy.relay import PONG_INTERVAL
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return ensure_certificate(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures_proxy import Backend, Proxy, client_tls, fetch
 from support import TIMEOUT, wait_until
 from test_doctor import _write_pair
-from test_proxy import Backend, Proxy, client_tls, fetch
 
 from cxrd import constants as C
 
@@ -35,12 +35,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     certs = tmp_path_factory.mktemp("certs")
     _write_pair(certs, not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=1), sans=["127.0.0.1"])
     return certs / C.CERT_FILE, certs / C.KEY_FILE
-
-
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Backend]:
-    with Backend() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +64,19 @@ def test_a_large_bundle_arrives_whole(hosting: Proxy, certs: Any, site: Path) ->
     assert hashlib.sha256(body).digest() == hashlib.sha256(expected).digest()
 
 
-def test_ten_thousand_directory_requests_answer_404_and_leave_no_fd_open(
-    hosting: Proxy, certs: Any
+@pytest.mark.parametrize(
+    "requests",
+    [
+        # A leaked fd a request shows as well in 300 (the floors run, every commit)...
+        300,
+        # ...as in the 10,000 of issue 17 (a TLS connection each: 25-35 s here).
+        pytest.param(10_000, marks=pytest.mark.slow),
+    ],
+)
+def test_directory_requests_answer_404_and_leave_no_fd_open(
+    hosting: Proxy, certs: Any, requests: int
 ) -> None:
-    requests, parallel = 10_000, 8  # within the proxy's per-address share
+    parallel = 8  # within the proxy's per-address share
     context = client_tls(certs)
     request = b"GET /client/assets HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     before = open_fds(hosting.proc.pid)

@@ -13,10 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures_proxy import Proxy
 from support import TIMEOUT, free_port
-from test_proxy import Proxy
-
-from cxrd.proxy.certs import ensure_certificate
 
 # What OpenSSL's default let a TLS 1.2 client pick with the generated (RSA) pair.
 REFUSED = (
@@ -34,35 +32,33 @@ SERVED = (
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return ensure_certificate(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
 def proxy(certs: tuple[Path, Path]) -> Iterator[Proxy]:
     running = Proxy(certs, free_port())
     yield running
     assert running.stop() == 0
 
 
-def tls12_offering(suite: str, cert: Path) -> ssl.SSLContext:
+def tls12_connect(proxy: Proxy, cert: Path, suite: str) -> ssl.SSLSocket:
+    """A TLS 1.2 connection to the proxy, its client offering only ``suite``; SSLError if
+    the handshake fails."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(cert)
     context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(suite)
-    return context
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
+    try:
+        return context.wrap_socket(raw, server_hostname="localhost")
+    except BaseException:
+        raw.close()
+        raise
 
 
 @pytest.mark.parametrize("suite", REFUSED)
 def test_a_tls_1_2_client_offering_only_a_cbc_or_dhe_suite_is_refused(
     proxy: Proxy, certs: tuple[Path, Path], suite: str
 ) -> None:
-    context = tls12_offering(suite, certs[0])
-    with (
-        socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as raw,
-        pytest.raises(ssl.SSLError) as refused,
-    ):
-        context.wrap_socket(raw, server_hostname="localhost")
+    with pytest.raises(ssl.SSLError) as refused:
+        tls12_connect(proxy, certs[0], suite).close()
     assert "HANDSHAKE_FAILURE" in str(refused.value).upper()
 
 
@@ -70,11 +66,7 @@ def test_a_tls_1_2_client_offering_only_a_cbc_or_dhe_suite_is_refused(
 def test_a_tls_1_2_client_offering_an_aead_suite_is_served(
     proxy: Proxy, certs: tuple[Path, Path], suite: str
 ) -> None:
-    context = tls12_offering(suite, certs[0])
-    with (
-        socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as raw,
-        context.wrap_socket(raw, server_hostname="localhost") as tls,
-    ):
+    with tls12_connect(proxy, certs[0], suite) as tls:
         cipher = tls.cipher()
         assert cipher is not None and cipher[0] == suite
         tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")

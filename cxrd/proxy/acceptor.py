@@ -77,14 +77,15 @@ class Acceptor:
         self,
         sock: socket.socket,
         admission: Admission,
+        refusals: RefusalLog,
         protocol_for: Callable[[Ticket], asyncio.BaseProtocol],
         tasks: asyncio.TaskGroup,
     ) -> None:
         self._sock = sock
         self._admission = admission
+        self._refusals = refusals
         self._protocol_for = protocol_for
         self._tasks = tasks
-        self._refusals = RefusalLog()
         self._loop = asyncio.get_running_loop()
         self._retry: asyncio.TimerHandle | None = None
         self._delay = RETRY_FIRST

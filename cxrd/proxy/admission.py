@@ -26,8 +26,9 @@ from __future__ import annotations
 import collections
 import enum
 import ipaddress
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from cxrd.config_proxy import Network
@@ -185,6 +186,8 @@ class RefusalLog:
 
     A flood must not fill the log (nginx logs a limit once per event, not per
     connection; this keeps one line per kind and says how many it stands for).
+    The proxy keeps one: its refusals at accept (each :class:`Refusal`) and of
+    web pages by their ``Origin`` are kinds of it.
     """
 
     def __init__(
@@ -194,17 +197,21 @@ class RefusalLog:
     ) -> None:
         self._interval = interval
         self._clock = clock
-        self._last: dict[Refusal, float] = {}
-        self._quiet: collections.Counter[Refusal] = collections.Counter()
+        self._next: dict[Hashable, float] = {}
+        self._held: collections.Counter[Hashable] = collections.Counter()
+
+    def more(self, kind: Hashable) -> str | None:
+        """None to hold back the line for this refusal now (it is counted into the next
+        one); else how that line ends: ``""``, or how many it stands for."""
+        now = self._clock()
+        if now < self._next.get(kind, -math.inf):
+            self._held[kind] += 1
+            return None
+        self._next[kind] = now + self._interval
+        held = self._held.pop(kind, 0)
+        return f" (and {held} more since the last such line)" if held else ""
 
     def line(self, why: Refusal, peer: str) -> str | None:
-        """The line to log for this refusal now, or None (it is counted into the next one)."""
-        now = self._clock()
-        last = self._last.get(why)
-        if last is not None and now - last < self._interval:
-            self._quiet[why] += 1
-            return None
-        self._last[why] = now
-        more = self._quiet.pop(why, 0)
-        since = f" (and {more} more since the last such line)" if more else ""
-        return f"client={peer} refused at accept: {why.value}{since}"
+        """The line to log for this refusal at accept now, or None (see :meth:`more`)."""
+        more = self.more(why)
+        return None if more is None else f"client={peer} refused at accept: {why.value}{more}"

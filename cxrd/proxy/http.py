@@ -110,23 +110,6 @@ class Origins:
         return len(hosts) == 1 and origin == normal_origin(f"https://{hosts[0]}")
 
 
-class Throttle:
-    """Lets one event pass per ``interval`` seconds (a log line); counts those held back."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._next = float("-inf")
-        self._held = 0
-
-    def passes(self, now: float) -> int | None:
-        """None to hold this one back; else how many were held back since the last one."""
-        if now < self._next:
-            self._held += 1
-            return None
-        held, self._held, self._next = self._held, 0, now + self.interval
-        return held
-
-
 def cors(request: Request) -> dict[str, str]:
     """CORS headers naming the request's (allowed) origin, or none without ``Origin``."""
     origin = request.headers.get_all("Origin")
@@ -204,10 +187,6 @@ def redirect(location: str) -> bytes:
     return response(
         301, "Moved Permanently", b"", "text/plain; charset=utf-8", extra={"Location": location}
     )
-
-
-def forbidden() -> bytes:
-    return error(403, "Forbidden", "This address may not use this proxy.")
 
 
 def foreign_origin() -> bytes:
