@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxrd import __version__
+from cxrd.__main__ import HELD_SIGNALS
 from cxrd.config import BACKENDS, BUS_MODES, Config, load_config
 from cxrd.core.supervisor import Supervisor
 from cxrd.errors import AlreadyServing, CxrdError, InvalidConfig, StartFailed
@@ -174,6 +175,18 @@ def read_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The daemon; its signals are held (``cxrd.__main__``) until the loop handles them."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    try:
+        return _main(argv)
+    finally:
+        # One that came while no loop handled it (a bad config): cxrd ends anyway.
+        while signal.sigtimedwait(HELD_SIGNALS, 0) is not None:
+            pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose + 1)
     try:
@@ -228,6 +241,12 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         background.add(task)
         task.add_done_callback(background.discard)
 
+    # Before anything starts: a signal held since main() is handled from here.
+    loop.add_signal_handler(signal.SIGTERM, supervisor.request_stop, "SIGTERM received")
+    loop.add_signal_handler(signal.SIGINT, supervisor.request_stop, "SIGINT received")
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(_reload(supervisor, config, args)))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+
     health_sock: socket.socket | None = None
     try:
         health_sock = _bind_health(config)
@@ -237,9 +256,6 @@ async def run(config: Config, args: argparse.Namespace) -> int:
     # The runtime first: the slow rest (D-Bus, the proxy's certificate) happens
     # while it comes up.
     spawn(_launch(supervisor))
-    loop.add_signal_handler(signal.SIGTERM, supervisor.request_stop, "SIGTERM received")
-    loop.add_signal_handler(signal.SIGINT, supervisor.request_stop, "SIGINT received")
-    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(_reload(supervisor, config, args)))
     if os.environ.get("CXRD_TEST_HOOKS") == "1":
         # Test hook for the watchdog: a wedged event loop.
         loop.add_signal_handler(signal.SIGUSR2, time.sleep, 3600)
