@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -248,3 +249,31 @@ def test_reload_rereads_config_and_keeps_the_unchanged_runtime(cloudxr: Cloudxr)
     assert cloudxr.prop("RuntimePid") == runtime_pid, "the runtime's settings did not change"
     assert cloudxr.prop("ProxyPid") != proxy_pid
     assert cloudxr.show("MainPID")["MainPID"] == main_pid
+
+
+def test_a_sighup_during_a_first_start_that_fails_leaves_the_start_failing(
+    cloudxr: Cloudxr,
+) -> None:
+    # The reload waits behind the start; the start fails: systemd must never hear READY=1.
+    cloudxr.configure(sim="startup_delay = 1.5\nexit_before_ready = 3")
+    start = subprocess.Popen(
+        ["systemctl", "--user", "start", C.UNIT_NAME],
+        env=cloudxr.manager.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(
+            lambda: cloudxr.show("StatusText")["StatusText"].startswith("Starting"),
+            "cxrd to be starting",
+        )
+        cloudxr.manager.systemctl("kill", "--kill-who=main", "--signal=HUP", C.UNIT_NAME)
+        assert start.wait(timeout=TIMEOUT * 3) != 0, "systemctl start reported success"
+    finally:
+        if start.poll() is None:
+            start.kill()
+            start.wait()
+    props = cloudxr.show("ActiveState", "ExecMainStatus", "NRestarts")
+    assert props["ActiveState"] == "failed", cloudxr.diagnosis()
+    assert props["ExecMainStatus"] == str(errors.StartFailed.exit_code)
+    assert props["NRestarts"] == "0"
