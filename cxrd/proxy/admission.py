@@ -115,7 +115,6 @@ class Admission:
         self._pending: dict[Ticket, None] = {}  # insertion order: oldest first
         self._pending_of: collections.Counter[Address] = collections.Counter()
         self._all_of: collections.Counter[Address] = collections.Counter()
-        self.evictions = 0
 
     @property
     def pending(self) -> int:
@@ -134,7 +133,6 @@ class Admission:
             victim = self._victim(self._pending_of[ip])
             if victim is None:
                 return Refusal.PENDING_FULL
-            self.evictions += 1
             self._release(victim)
             victim._evict()
         ticket = Ticket(ip, self)
