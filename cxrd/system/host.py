@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -129,6 +131,10 @@ class SystemHost:
             raise
 
     def claim_run_dir(self, run_dir: Path) -> list[str]:
+        # Removed, or replaced by a file: say so, rather than taking the failed
+        # connect() to its socket for a live runtime.
+        if not stat.S_ISDIR(os.stat(run_dir).st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(run_dir))
         holder = rundir.live_runtime_pid(run_dir)
         if holder is not None:
             who = f" (pid {holder})" if holder else ""
