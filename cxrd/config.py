@@ -22,9 +22,9 @@ from cxrd import constants as C
 from cxrd import tables
 from cxrd.config_proxy import ProxyConfig as ProxyConfig  # re-exported: part of the schema
 from cxrd.config_proxy import checked_proxy
+from cxrd.core.model import ENV_NAME, check_env_value
 from cxrd.errors import InvalidArgs, InvalidConfig
 from cxrd.instances import Instance
-from cxrd.system.envfile import ENV_NAME, check_env_value
 from cxrd.system.rundir import MAX_SOCKET_PATH
 
 BACKENDS = ("isaacteleop", "sim", "command")

@@ -24,9 +24,9 @@ from cxrd.__main__ import HELD_SIGNALS
 from cxrd.config import BACKENDS, BUS_MODES, Config, load_config
 from cxrd.core.supervisor import Supervisor
 from cxrd.errors import AlreadyServing, CxrdError, InvalidConfig, StartFailed
+from cxrd.host import SystemHost, SystemReadiness
 from cxrd.instances import Instance
 from cxrd.system import eula
-from cxrd.system.host import SystemHost, SystemReadiness
 from cxrd.system.listeners import bind_listener
 from cxrd.system.notify import SdNotifier
 from cxrd.system.process import ProcessLauncher

@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cxrd.config import Config, ProxyConfig, RestartConfig, RuntimeConfig
+from cxrd.core.model import ChildSpec, RuntimeLaunch, SessionEvent
 from cxrd.core.states import ChildState, State
 from cxrd.core.supervisor import Supervisor
 from cxrd.errors import CxrdError, EulaNotAccepted, StartFailed
-from cxrd.proxy.events import SessionEvent
 from cxrd.proxy.launch import ProxyLaunch
-from cxrd.runtimes import RuntimeLaunch
-from cxrd.system.process import ChildSpec
 
 _T = TypeVar("_T")
 _pids = itertools.count(40000)

@@ -12,8 +12,8 @@ import pytest
 from support import TIMEOUT, free_port, wait_until
 
 from cxrd.config import Config, ProxyConfig
+from cxrd.host import SystemHost
 from cxrd.proxy import certs
-from cxrd.system.host import SystemHost
 
 
 def config(tmp_path: Path, port: int) -> Config:

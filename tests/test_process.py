@@ -16,9 +16,10 @@ from fixtures_daemon import group_members, pid_alive
 from support import TIMEOUT, free_port, wait_until
 
 from cxrd import constants as C
+from cxrd.core.model import ChildSpec, describe_exit
 from cxrd.sim import faults as F
 from cxrd.system import process
-from cxrd.system.process import ChildSpec, ProcessLauncher, describe_exit
+from cxrd.system.process import ProcessLauncher
 from cxrd.system.readiness import wait_for_file
 
 
@@ -270,7 +271,8 @@ def test_sigkilled_parent_leaves_no_child_or_grandchild(tmp_path: Path) -> None:
         f"""
         import asyncio, os
         from pathlib import Path
-        from cxrd.system.process import ChildSpec, ProcessLauncher
+        from cxrd.core.model import ChildSpec
+        from cxrd.system.process import ProcessLauncher
         async def main():
             launcher = ProcessLauncher()
             child = await launcher.spawn(ChildSpec(

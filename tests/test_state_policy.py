@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import cxrd.core
 from cxrd.core.policy import RestartPolicy
 from cxrd.core.states import IllegalTransition, State, check_transition
 
@@ -58,11 +61,31 @@ def test_crashes_outside_the_window_are_forgotten() -> None:
     assert policy.record_crash(11.0) is None
 
 
-def test_the_supervisor_imports_no_transport() -> None:
+ADAPTERS = ("cxrd.proxy", "cxrd.runtimes", "cxrd.system", "cxrd.dbus", "cxrd.health", "cxrd.host")
+
+
+def test_the_core_imports_none_of_its_adapters() -> None:
+    core = Path(cxrd.core.__file__).parent
+    found = []
+    for path in sorted(core.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [
+                f"{path.name}: {n}" for n in names if n.startswith((*ADAPTERS, "cxrd.daemon"))
+            ]
+    assert found == []
+
+
+def test_the_core_loads_no_transport_and_no_notifier() -> None:
     code = (
-        "import sys, cxrd.core.supervisor\n"
-        "bad = [m for m in ('dbus_fast', 'sdnotify', 'cxrd.system.notify', 'cxrd.dbus.service',"
-        " 'websockets') if m in sys.modules]\n"
+        "import pkgutil, sys, importlib, cxrd.core\n"
+        "for m in pkgutil.iter_modules(cxrd.core.__path__):\n"
+        "    importlib.import_module('cxrd.core.' + m.name)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('dbus_fast', 'sdnotify',"
+        " 'websockets') or m.startswith(('cxrd.proxy', 'cxrd.runtimes', 'cxrd.system.notify',"
+        " 'cxrd.dbus', 'cxrd.health', 'cxrd.host')))\n"
         "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

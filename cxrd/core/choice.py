@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from cxrd import constants as C
 from cxrd.config import Config, check_device_profile, same_profile
+from cxrd.core.model import ENV_NAME, check_env_value
 from cxrd.errors import ConfigMismatch, CxrdError, InvalidArgs, ProfileMismatch
-from cxrd.system.envfile import ENV_NAME, check_env_value
 
 # Keys a request's env may not hold, and what to do instead.
 _NOT_IN_ENV = {

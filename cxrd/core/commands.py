@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from cxrd.config import Config
 from cxrd.core.children import Child
 from cxrd.core.choice import Choice
-from cxrd.core.ports import ChildHandle
+from cxrd.core.model import RuntimeLaunch, SessionEvent
+from cxrd.core.ports import ChildHandle, ProxyLaunch
 from cxrd.errors import CxrdError
-from cxrd.proxy.events import SessionEvent
-from cxrd.proxy.launch import ProxyLaunch
-from cxrd.runtimes import RuntimeLaunch
 
 Reply = asyncio.Future[str]
 

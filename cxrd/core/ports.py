@@ -1,7 +1,8 @@
 """The supervisor's ports: everything it does to the machine goes through these.
 
-The daemon passes the real ones (``cxrd.system.host``); the model-based tests
-pass fakes, so the supervisor runs the same code against both.
+The daemon passes the real ones (``cxrd.host``); the model-based tests pass
+fakes, so the supervisor runs the same code against both. Whatever a port
+raises becomes a named failure of one child (``cxrd.core.faults``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,8 @@ from pathlib import Path
 from typing import Protocol
 
 from cxrd.config import Config
+from cxrd.core.model import ChildSpec, RuntimeLaunch, SessionEvent
 from cxrd.errors import CxrdError
-from cxrd.proxy.events import SessionEvent
-from cxrd.proxy.launch import ProxyLaunch
-from cxrd.runtimes import RuntimeLaunch
-from cxrd.system.process import ChildSpec
 
 Clock = Callable[[], float]
 
@@ -35,6 +33,41 @@ class ChildHandle(Protocol):
 
     async def stop(self, timeout: float) -> int:
         """SIGTERM, SIGKILL after ``timeout``, reap. Idempotent."""
+        ...
+
+
+class ProxyLaunch(Protocol):
+    """The proxy's prepared start: a certificate, a held listening socket, its URLs."""
+
+    @property
+    def listener(self) -> object:
+        """The bound socket: a reload that keeps host and port keeps this very object."""
+        ...
+
+    @property
+    def urls(self) -> tuple[str, ...]: ...
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def log_path(self) -> Path: ...
+
+    @property
+    def stderr_log(self) -> Path: ...
+
+    @property
+    def cert_note(self) -> str: ...
+
+    def spec(self, ready_fd: int) -> ChildSpec:
+        """The proxy child, which writes READY to ``ready_fd`` once it serves."""
+        ...
+
+    def close(self) -> None:
+        """Release the port."""
         ...
 
 

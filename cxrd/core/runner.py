@@ -23,14 +23,10 @@ from cxrd.core import commands as M
 from cxrd.core.children import After, Child
 from cxrd.core.choice import Choice
 from cxrd.core.faults import attempt, named_failure, quietly
-from cxrd.core.ports import ChildHandle, Clock, Host, Launcher, Readiness
+from cxrd.core.model import ChildSpec, RuntimeLaunch, SessionEvent, as_verb, describe_exit, headline
+from cxrd.core.ports import ChildHandle, Clock, Host, Launcher, ProxyLaunch, Readiness
 from cxrd.core.states import ChildState, Phase
 from cxrd.errors import Busy, CxrdError, GaveUp, StartFailed, Timeout
-from cxrd.proxy.events import SessionEvent
-from cxrd.proxy.launch import ProxyLaunch
-from cxrd.runtimes import RuntimeLaunch
-from cxrd.system.diagnosis import as_verb, headline
-from cxrd.system.process import ChildSpec, describe_exit
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from cxrd.core.children import Child
 from cxrd.core.choice import Choice, describe_mismatch, mismatch_error
 from cxrd.core.commands import Kind, Operation
 from cxrd.core.faults import quietly
+from cxrd.core.model import CLOSE_ABNORMAL, Opened, SessionEvent
 from cxrd.core.operations import Operations, answer
 from cxrd.core.policy import RestartPolicy
 from cxrd.core.ports import Clock, Host, Launcher, Notifier, Readiness
@@ -48,8 +49,6 @@ from cxrd.errors import (
     StartFailed,
     Timeout,
 )
-from cxrd.proxy.events import Opened, SessionEvent
-from cxrd.proxy.frames import CLOSE_ABNORMAL
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,10 @@ from pathlib import Path
 from cxrd import constants as C
 from cxrd.config import LogsConfig
 from cxrd.config_proxy import Network, allow_network, origin_entry
+from cxrd.core.model import SessionEvent
 from cxrd.errors import CxrdError, StartFailed
 from cxrd.proxy.acceptor import raise_fd_limit
-from cxrd.proxy.events import READY_LINE, SessionEvent, encode
+from cxrd.proxy.events import READY_LINE, encode
 from cxrd.proxy.server import ProxyOptions, ProxyServer, server_tls_context
 from cxrd.system.listeners import bind_listener
 from cxrd.system.logfiles import rotating_handler

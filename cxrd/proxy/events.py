@@ -9,28 +9,13 @@ the network can forge these lines.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
+from cxrd.core.model import Closed, Opened, SessionEvent
 from cxrd.core.snapshot import Headset
 
 READY_LINE = b"READY\n"
 MAX_LINE = 4096  # a line longer than this is not ours
 MAX_USER_AGENT = 256  # what a status line shows; a header may be far longer
-
-
-@dataclass(frozen=True)
-class Opened:
-    headset: Headset
-
-
-@dataclass(frozen=True)
-class Closed:
-    id: str
-    seconds: float
-    code: int  # the WebSocket close code (1006: no close frame)
-
-
-SessionEvent = Opened | Closed
 
 
 def encode(event: SessionEvent) -> bytes:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import struct
 
+from cxrd.core import model
+
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
 OP_BINARY = 0x2
@@ -24,7 +26,7 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_NO_STATUS = 1005
-CLOSE_ABNORMAL = 1006
+CLOSE_ABNORMAL = model.CLOSE_ABNORMAL  # the core reports it for a proxy that died
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013

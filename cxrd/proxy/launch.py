@@ -19,11 +19,11 @@ from pathlib import Path
 
 from cxrd import constants as C
 from cxrd.config import Config, LogsConfig, ProxyConfig
+from cxrd.core.model import ChildSpec
 from cxrd.proxy.certs import ensure_certificate, expires_soon, validate_pair
 from cxrd.system.addresses import headset_urls
 from cxrd.system.listeners import bind_listener
 from cxrd.system.logfiles import ensure_logs_dir
-from cxrd.system.process import ChildSpec
 
 PROXY_STDERR_LOG = "wss.stderr.log"  # the proxy's own tracebacks, if any; wss.log is its log
 BACKEND_HOST = "127.0.0.1"

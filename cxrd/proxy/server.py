@@ -24,6 +24,7 @@ from typing import Any
 
 from cxrd.config_proxy import Network
 from cxrd.constants import DEFAULT_BACKEND_PORT
+from cxrd.core.model import Closed, Opened, SessionEvent
 from cxrd.core.snapshot import Headset
 from cxrd.proxy import events, http
 from cxrd.proxy import frames as F
@@ -79,7 +80,7 @@ class ProxyServer:
         sock: socket.socket,
         tls: ssl.SSLContext,
         options: ProxyOptions,
-        report: Callable[[events.SessionEvent], None] | None = None,
+        report: Callable[[SessionEvent], None] | None = None,
     ) -> None:
         self.sock = sock
         self.tls = tls
@@ -185,7 +186,7 @@ class ProxyServer:
         headset = Headset(uuid.uuid4().hex[:12], host, agent, path, time.time())
         self.headsets[session] = headset
         if self._report is not None:
-            self._report(events.Opened(headset))
+            self._report(Opened(headset))
 
     def session_done(self, session: Session) -> None:
         self.sessions.discard(session)
@@ -194,7 +195,7 @@ class ProxyServer:
         if headset is not None and self._report is not None:
             seconds = round(time.monotonic() - session.started, 3)
             code = session.code if session.code is not None else F.CLOSE_ABNORMAL
-            self._report(events.Closed(headset.id, seconds, code))
+            self._report(Closed(headset.id, seconds, code))
         if not self.sessions:
             self._idle.set()
 

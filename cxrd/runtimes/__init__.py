@@ -11,8 +11,8 @@ nothing but the run dir (0700 when new) and the logs dir.
 from __future__ import annotations
 
 from cxrd.config import Config, check_device_profile
+from cxrd.core.model import RuntimeLaunch
 from cxrd.errors import InvalidConfig
-from cxrd.runtimes._common import RuntimeLaunch
 
 __all__ = ["RuntimeLaunch", "prepare_runtime"]
 

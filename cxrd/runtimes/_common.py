@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from cxrd import constants as C
 from cxrd.config import Config
+from cxrd.core.model import ChildSpec, RuntimeLaunch, check_env_value
 from cxrd.errors import InvalidConfig
-from cxrd.system.envfile import check_env_value
 from cxrd.system.logfiles import ensure_logs_dir
-from cxrd.system.process import ChildSpec
 from cxrd.system.rundir import ensure_run_dir
-
-
-@dataclass(frozen=True)
-class RuntimeLaunch:
-    """How to start the runtime, and what the daemon publishes about it."""
-
-    backend: str  # "isaacteleop" | "sim" | "command"
-    spec: ChildSpec
-    # What run/cloudxr.env holds and D-Bus ``Environment`` shows.
-    environment: Mapping[str, str]
-    stderr_log: Path
-    logs_dir: Path  # NV_CXR_OUTPUT_DIR: where cxr_server.*.log appear
 
 
 def computed_env(install: Path) -> dict[str, str]:

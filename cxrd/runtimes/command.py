@@ -12,9 +12,9 @@ import os
 import shutil
 
 from cxrd.config import Config
+from cxrd.core.model import RuntimeLaunch
 from cxrd.errors import InvalidConfig, RuntimeUnavailable
 from cxrd.runtimes._common import (
-    RuntimeLaunch,
     build_launch,
     child_env,
     ensure_dirs,

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Final
 
 from cxrd.config import Config
+from cxrd.core.model import RuntimeLaunch
 from cxrd.errors import EulaNotAccepted, RuntimeUnavailable
-from cxrd.runtimes._common import RuntimeLaunch, build_launch, ensure_dirs, runtime_environment
+from cxrd.runtimes._common import build_launch, ensure_dirs, runtime_environment
 from cxrd.system import eula
 
 # Where the runtime may live, newest name first.

@@ -16,8 +16,9 @@ import os
 import sys
 
 from cxrd.config import Config, SimConfig
+from cxrd.core.model import RuntimeLaunch
 from cxrd.errors import InvalidConfig, RuntimeUnavailable
-from cxrd.runtimes._common import RuntimeLaunch, build_launch, ensure_dirs, runtime_environment
+from cxrd.runtimes._common import build_launch, ensure_dirs, runtime_environment
 from cxrd.sim import faults as F
 
 

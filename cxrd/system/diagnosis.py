@@ -35,15 +35,3 @@ def newest_log(directory: Path, pattern: str, *, since: float) -> Path | None:
         return None
     recent = [(mtime, p) for mtime, p in found if mtime >= since - 1]
     return max(recent)[1] if recent else None
-
-
-def headline(diagnosis: str) -> str:
-    """The line that says what went wrong: the last line of the first section."""
-    first = diagnosis.split("\n--- ")[0]
-    lines = [ln.strip() for ln in first.splitlines() if ln.strip() and not ln.startswith("--- ")]
-    return lines[-1][:300] if lines else ""
-
-
-def as_verb(exit_words: str) -> str:
-    """'killed by SIGSEGV' -> 'was killed by SIGSEGV', for "the runtime ..." sentences."""
-    return f"was {exit_words}" if exit_words.startswith("killed") else exit_words

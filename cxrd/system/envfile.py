@@ -12,25 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shlex
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+from cxrd.core.model import ENV_NAME, check_env_value
+
 _EXPORT = "export "
-
-
-def check_env_value(key: str, value: str) -> None:
-    """Raise :class:`ValueError` when ``key=value`` cannot be written to an env file."""
-    if not ENV_NAME.match(key):
-        raise ValueError(f"{key!r}: not a valid environment variable name")
-    if "\0" in value:
-        raise ValueError(f"{key}: value contains a NUL byte")
-    # str.splitlines() is what isaacteleop's reader splits on: \n, \r and more.
-    if len(f"x{value}x".splitlines()) != 1:
-        raise ValueError(f"{key}: value contains a line break, which env-file readers cannot keep")
 
 
 def format_env(env: Mapping[str, str]) -> str:

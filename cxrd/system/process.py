@@ -27,12 +27,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cxrd.config import LogsConfig
+from cxrd.core.model import ChildSpec, describe_exit
 from cxrd.errors import StartFailed
 from cxrd.system.logfiles import Relay, ensure_logs_dir, open_log
 
@@ -40,20 +39,6 @@ if TYPE_CHECKING:
     from cxrd.system.reaper import OrphanReaper
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ChildSpec:
-    """How to start one child: what runs, with which environment, logging where."""
-
-    name: str  # "runtime" or "proxy"; used in logs and errors
-    argv: tuple[str, ...]
-    env: Mapping[str, str]  # the child's whole environment
-    stderr: Path  # appended to (stdout goes to /dev/null)
-    pass_fds: tuple[int, ...] = field(default=())
-    # Given: the child writes to a pipe that cxrd relays into ``stderr``, rotating
-    # it past these limits (cxrd.system.logfiles). None: the child gets the file.
-    stderr_limits: LogsConfig | None = None
 
 
 # Variables that speak for the daemon to its service manager; a child must not inherit them.
@@ -439,15 +424,3 @@ def group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != b"Z":
             members.append(int(name))
     return members
-
-
-def describe_exit(code: int | None) -> str:
-    """Words for a return code: 'exited with code 1', 'killed by SIGSEGV'."""
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"

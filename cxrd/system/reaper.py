@@ -24,7 +24,7 @@ import signal
 import time
 from collections.abc import Iterator
 
-from cxrd.system.process import describe_exit
+from cxrd.core.model import describe_exit
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,9 @@
 """The real ports of the supervisor: processes' readiness, the run dir, the proxy's socket.
 
-``cxrd.core`` declares what it needs (``cxrd.core.ports``); this module is
-what the daemon passes in. Nothing here decides anything.
+``cxrd.core`` declares what it needs (``cxrd.core.ports``); this module, beside
+the composition root (``cxrd.daemon``), is what the daemon passes in: the
+adapters (``proxy/``, ``runtimes/``, ``system/``) put together. Nothing here
+decides anything.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from pathlib import Path
 
 from cxrd import constants as C
 from cxrd.config import Config
+from cxrd.core import ports
+from cxrd.core.model import RuntimeLaunch, SessionEvent
 from cxrd.errors import AlreadyServing, CxrdError
 from cxrd.proxy import events
 from cxrd.proxy.launch import ProxyLaunch, prepare_proxy
-from cxrd.runtimes import RuntimeLaunch, prepare_runtime
+from cxrd.runtimes import prepare_runtime
 from cxrd.system import logfiles, rundir, siblings
 from cxrd.system.diagnosis import log_section, newest_log
 from cxrd.system.envguard import EnvGuard
@@ -66,7 +70,7 @@ class Pipe:
                 # Closed without READY: its exit (raced elsewhere) tells the story.
                 await asyncio.get_running_loop().create_future()
 
-    async def next_event(self) -> events.SessionEvent | None:
+    async def next_event(self) -> SessionEvent | None:
         reader = await self._lines()
         while True:
             try:
@@ -120,7 +124,8 @@ class SystemHost:
             logfiles.rotate_stale(launch.stderr_log, config.logs)
         return launch
 
-    async def prepare_proxy(self, config: Config, keep: ProxyLaunch | None) -> ProxyLaunch:
+    async def prepare_proxy(self, config: Config, keep: ports.ProxyLaunch | None) -> ProxyLaunch:
+        assert keep is None or isinstance(keep, ProxyLaunch), "only this host's launches"
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(None, prepare_proxy, config, keep)
         try:
@@ -184,7 +189,7 @@ class SystemHost:
         server = newest_log(launch.logs_dir, C.SERVER_LOG_GLOB, since=since)
         return str(server) if server else ""
 
-    def proxy_diagnosis(self, launch: ProxyLaunch) -> str:
+    def proxy_diagnosis(self, launch: ports.ProxyLaunch) -> str:
         return log_section(launch.stderr_log, max_lines=10)
 
 
