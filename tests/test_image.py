@@ -39,7 +39,6 @@ DEPLOYMENT = ROOT / "packaging" / "kubernetes" / "deployment.yaml"
 CACHE = Path(os.environ.get("CXRD_TEST_CACHE", "/var/cache/cxrd-tests"))
 BASE_PACKAGES = "python3,python3-venv,ca-certificates,curl,passwd"
 IMAGE = "localhost/cxrd-test:checkout"
-LABEL = "io.github.cxrd.test-image=1"  # what the test prunes, and only that
 HEALTH_PORT = 48080  # the one the image's HEALTHCHECK asks
 INSTALL = "/home/cloudxr/.cloudxr"  # the image's VOLUME
 GRACE = 30  # compose's stop_grace_period, the Deployment's terminationGracePeriodSeconds
@@ -172,22 +171,30 @@ class Built:
 @pytest.fixture(scope="module")
 def image(podman: Podman, base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Built:
     build = [
-        "build", "--format", "docker", "--network", "host", "--label", LABEL,
+        "build", "--format", "docker", "--network", "host",
         "--build-arg", f"BASE_IMAGE={base_image}",
         *pip_secrets(tmp_path_factory.mktemp("pip")),
         "-f", str(CONTAINER / "Containerfile"), "-t", IMAGE, str(ROOT),
     ]  # fmt: skip
+    built = [_image_id(podman)]
     since = time.time()
     began = time.monotonic()
     podman(*build, timeout=60 * TIMEOUT)
     FIGURES["build_seconds"] = round(time.monotonic() - began, 1)
+    built.append(_image_id(podman))
     began = time.monotonic()
     podman(*build, timeout=60 * TIMEOUT)  # every layer cached, unless the tree just changed
     FIGURES["rebuild_seconds"] = round(time.monotonic() - began, 1)
     FIGURES["image_mb"] = round(int(podman.inspect("image", IMAGE, "{{.Size}}")) / 1e6)
-    # The images this test built before (untagged now); layers still in use stay.
-    podman("image", "prune", "--force", "--filter", f"label={LABEL}")
+    # The image an older checkout made, with the layers only it used (its venv): one
+    # image's worth of disk per machine. The wheel stage's layers stay, for the cache.
+    for old in set(built) - {_image_id(podman), ""}:
+        podman("rmi", old, check=False)
     return Built(IMAGE, since)
+
+
+def _image_id(podman: Podman) -> str:
+    return podman("image", "inspect", "--format", "{{.Id}}", IMAGE, check=False).stdout.strip()
 
 
 def inspect_image(podman: Podman) -> dict[str, Any]:
