@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from cxrd import __version__
 from cxrd.__main__ import HELD_SIGNALS
 from cxrd.config import BACKENDS, BUS_MODES, Config, load_config
+from cxrd.core.faults import named_failure
 from cxrd.core.supervisor import Supervisor
 from cxrd.errors import AlreadyServing, CxrdError, InvalidConfig, StartFailed
 from cxrd.host import SystemHost, SystemReadiness
@@ -222,7 +223,6 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         reaper = OrphanReaper()
         reaper.start()
         log.info("running as PID 1: reaping orphaned processes")
-    _accept_eula(config, args)
     launcher = ProcessLauncher(reaper)
     launcher.leave_clean(*leftovers(config.run_dir))  # should cxrd be killed
     host = SystemHost()
@@ -249,8 +249,9 @@ async def run(config: Config, args: argparse.Namespace) -> int:
 
     health_sock: socket.socket | None = None
     try:
+        _accept_eula(config, args)
         health_sock = _bind_health(config)
-    except StartFailed as err:
+    except CxrdError as err:
         supervisor.fail(err)  # before anything starts
     controller = asyncio.create_task(supervisor.run(), name="cxrd-supervisor")
     # The runtime first: the slow rest (D-Bus, the proxy's certificate) happens
@@ -301,7 +302,11 @@ def _accept_eula(config: Config, args: argparse.Namespace) -> None:
     by = eula_accepted_by(args)
     if by is None:
         return
-    marker = eula.accept(config.install_path)
+    try:
+        marker = eula.accept(config.install_path)
+    except OSError as exc:
+        # A full disk or a read-only install dir: a named failure, not a traceback.
+        raise named_failure(f"cannot record the EULA acceptance ({by})", exc) from exc
     log.info("NVIDIA CloudXR EULA (%s) accepted by %s: wrote %s", eula.EULA_URL, by, marker)
 
 
