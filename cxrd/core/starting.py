@@ -133,7 +133,11 @@ class Starting:
         if self._proxy_launch is None:
             self._proxy_launch = await self._host.prepare_proxy(self._config, keep=None)
         pipe = self._readiness.pipe()
-        spec = self._proxy_launch.spec(pipe.write_fd)
+        try:
+            spec = self._proxy_launch.spec(pipe.write_fd)
+        except BaseException:
+            pipe.close()
+            raise
         return _Recipe(spec, pipe.wait, pipe.close_write, pipe.close, pipe.next_event)
 
     async def _watch(self, child: Child, gen: int, handle: ChildHandle) -> None:
