@@ -25,7 +25,6 @@ from cxrd.config_proxy import checked_proxy
 from cxrd.core.model import ENV_NAME, check_env_value
 from cxrd.errors import InvalidArgs, InvalidConfig
 from cxrd.instances import Instance
-from cxrd.system.rundir import MAX_SOCKET_PATH
 
 BACKENDS = ("isaacteleop", "sim", "command")
 # runtime.env / --env-file keys read as settings (isaacteleop env files set them).
@@ -429,12 +428,12 @@ def _check_semantics(config: Config) -> None:
                 f"{C.GPU_CUDA_ENV} (runtime.gpu), never both; remove one"
             )
     socket_path = os.fsencode(config.run_dir / C.IPC_SOCKET)
-    if len(socket_path) > MAX_SOCKET_PATH:
-        longest = MAX_SOCKET_PATH - (len(socket_path) - len(os.fsencode(config.install_path)))
+    if len(socket_path) > C.MAX_SOCKET_PATH:
+        longest = C.MAX_SOCKET_PATH - (len(socket_path) - len(os.fsencode(config.install_path)))
         raise InvalidConfig(
             f"{src}: install_dir: {config.install_path} is too long: the runtime's socket "
             f"{C.RUN_DIR}/{C.IPC_SOCKET} inside it would be {len(socket_path)} bytes, more "
-            f"than a Unix socket path may be ({MAX_SOCKET_PATH}); use an install_dir of at "
+            f"than a Unix socket path may be ({C.MAX_SOCKET_PATH}); use an install_dir of at "
             f"most {longest} bytes"
         )
     if config.bus not in BUS_MODES:

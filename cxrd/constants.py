@@ -34,6 +34,8 @@ LOGS_DIR: Final = "logs"
 CERTS_DIR: Final = "certs"
 SENTINEL_FILE: Final = "runtime_started"
 IPC_SOCKET: Final = "ipc_cloudxr"
+# sun_path holds 108 bytes with its terminating NUL, which C runtimes write.
+MAX_SOCKET_PATH: Final = 107
 STALE_RUN_FILES: Final = (IPC_SOCKET, SENTINEL_FILE, "monado.pid", "cloudxr.pid")
 ENV_FILE: Final = "cloudxr.env"
 EULA_MARKER: Final = "eula_accepted"

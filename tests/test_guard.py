@@ -139,7 +139,8 @@ PARENT = textwrap.dedent(
     """
     import asyncio, os, sys
     from pathlib import Path
-    from cxrd.system.process import ChildSpec, ProcessLauncher
+    from cxrd.core.model import ChildSpec
+    from cxrd.system.process import ProcessLauncher
     async def main(out):
         launcher = ProcessLauncher()
         child = await launcher.spawn(ChildSpec(

@@ -15,9 +15,9 @@ import pytest
 from fixtures_daemon import DaemonEnv, NotifySocket
 from support import TIMEOUT
 
+from cxrd.constants import MAX_SOCKET_PATH
 from cxrd.errors import InvalidConfig, StartFailed
 from cxrd.system.rundir import (
-    MAX_SOCKET_PATH,
     InstallLock,
     ensure_run_dir,
     live_runtime_pid,

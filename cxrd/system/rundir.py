@@ -22,9 +22,6 @@ from cxrd.system.private import ELSEWHERE, ensure_private_dir
 
 log = logging.getLogger(__name__)
 
-# sun_path holds 108 bytes with its terminating NUL, which C runtimes write.
-MAX_SOCKET_PATH = 107
-
 
 def ensure_run_dir(run_dir: Path) -> None:
     """Make ``run_dir`` (and the install dir above it), or check it: a real directory, ours, 0700.
@@ -134,12 +131,12 @@ def live_runtime_pid(run_dir: Path) -> int | None:
     """
     path = run_dir / C.IPC_SOCKET
     size = len(os.fsencode(path))
-    if size > MAX_SOCKET_PATH:
+    if size > C.MAX_SOCKET_PATH:
         install = run_dir.parent
-        limit = MAX_SOCKET_PATH - size + len(os.fsencode(install))
+        limit = C.MAX_SOCKET_PATH - size + len(os.fsencode(install))
         raise InvalidConfig(
             f"{path}: {size} bytes, too long for the runtime's Unix socket (at most "
-            f"{MAX_SOCKET_PATH}): set install_dir (--install-dir) to a path of at most "
+            f"{C.MAX_SOCKET_PATH}): set install_dir (--install-dir) to a path of at most "
             f"{limit} bytes instead of {install}"
         )
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
