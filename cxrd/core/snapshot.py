@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from cxrd.core.states import State
+from cxrd.core.states import State, StateChanged
 
 
 @dataclass(frozen=True)
@@ -81,3 +81,23 @@ class Snapshot:
     requested_by: str = ""  # "" while the runtime runs as the config says
     # The last time another program changed run/cloudxr.env and cxrd put it back; "" if never.
     env_file_event: str = ""
+
+
+# What the supervisor tells its listeners (the D-Bus interface, the health server).
+class Updated:
+    """Something in the snapshot other than the state may have changed."""
+
+
+@dataclass(frozen=True)
+class HeadsetConnected:
+    headset: Headset
+
+
+@dataclass(frozen=True)
+class HeadsetDisconnected:
+    headset: Headset
+    seconds: float
+    code: int  # the WebSocket close code; 1006 when the proxy ended under it
+
+
+Event = StateChanged | Updated | HeadsetConnected | HeadsetDisconnected

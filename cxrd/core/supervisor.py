@@ -19,7 +19,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from cxrd import __version__
 from cxrd import constants as C
@@ -33,7 +32,17 @@ from cxrd.core.model import CLOSE_ABNORMAL, Opened, SessionEvent
 from cxrd.core.operations import Operations, answer
 from cxrd.core.policy import RestartPolicy
 from cxrd.core.ports import Clock, Host, Launcher, Notifier, Readiness
-from cxrd.core.snapshot import Headset, Lease, ProxyStatus, RuntimeStatus, Snapshot
+from cxrd.core.snapshot import (
+    Event,
+    Headset,
+    HeadsetConnected,
+    HeadsetDisconnected,
+    Lease,
+    ProxyStatus,
+    RuntimeStatus,
+    Snapshot,
+    Updated,
+)
 from cxrd.core.states import (
     DESCRIPTIONS,
     ChildState,
@@ -51,25 +60,6 @@ from cxrd.errors import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class Updated:
-    """Something in the snapshot other than the state may have changed."""
-
-
-@dataclass(frozen=True)
-class HeadsetConnected:
-    headset: Headset
-
-
-@dataclass(frozen=True)
-class HeadsetDisconnected:
-    headset: Headset
-    seconds: float
-    code: int  # the WebSocket close code; 1006 when the proxy ended under it
-
-
-Event = StateChanged | Updated | HeadsetConnected | HeadsetDisconnected
 
 
 class Supervisor(Operations):

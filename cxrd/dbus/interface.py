@@ -29,8 +29,9 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 
 from cxrd.constants import ERROR_PREFIX, INTERFACE, INTROSPECTION_XML
 from cxrd.core.choice import Choice
+from cxrd.core.snapshot import Event, HeadsetConnected, HeadsetDisconnected
 from cxrd.core.states import StateChanged
-from cxrd.core.supervisor import Event, HeadsetConnected, HeadsetDisconnected, Supervisor
+from cxrd.core.supervisor import Supervisor
 from cxrd.dbus import wire
 from cxrd.errors import AccessDenied, CxrdError
 

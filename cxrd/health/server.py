@@ -33,8 +33,9 @@ from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any, Final
 
+from cxrd.core.snapshot import Event
 from cxrd.core.states import State, StateChanged
-from cxrd.core.supervisor import Event, Supervisor
+from cxrd.core.supervisor import Supervisor
 from cxrd.health import metrics
 from cxrd.health.report import live_body, ready_body
 
