@@ -94,7 +94,10 @@ def test_containerfile_installs_this_checkout_with_the_runtime_and_keeps_no_secr
     assert cf["COPY"][2] == "--from=wheel /wheels /tmp/wheels"
     wheel, install = (run for run in cf["RUN"] if "pip " in run)
     assert "pip wheel --no-cache-dir --no-deps --wheel-dir /wheels /src" in wheel
-    assert 'pip install "$1[cloudxr]"' in install and "set -- /tmp/wheels/cxrd-*.whl" in install
+    assert (
+        'pip install --no-cache-dir "$1[cloudxr]"' in install
+        and "set -- /tmp/wheels/cxrd-*.whl" in install
+    )
     assert not re.search(r"pip install \S*cxrd\[", " ".join(cf["RUN"])), "never from an index"
     # A proxy's CA and pip.conf reach pip as build secrets, each for its one step.
     for run in (wheel, install):
