@@ -4,8 +4,8 @@ No registry here: the base is Debian 12 made by ``mmdebstrap`` and ``podman
 import``ed, cached between runs (the tarball under ``CXRD_TEST_CACHE``, the
 image in podman's store). The build is the project's own Containerfile from
 the project root, as a user runs it, with what this machine's podman needs
-(a private ``containers.conf`` through ``CONTAINERS_CONF``: runc, ulimits no
-higher than the machine's) and what its pip needs (the host's CA bundle and
+(a private ``containers.conf`` through ``CONTAINERS_CONF``: runc, and no
+ulimits above the machine's) and what its pip needs (the host's CA bundle and
 index as build secrets, never in the image). Containers use the host's
 network or none, never a bridge. ``pytest -s`` shows the figures.
 """
@@ -97,7 +97,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
         timeout=TIMEOUT,
     )
     if info.returncode != 0:
-        pytest.skip(f"podman cannot run here: {info.stderr.strip().splitlines()[-1:]}")
+        pytest.skip(f"podman cannot run here: {(info.stderr.strip().splitlines() or ['?'])[-1]}")
     version = tuple(int(part) for part in info.stdout.strip().split(".")[:2])
     return Podman(env, version)
 
@@ -117,12 +117,15 @@ def base_image(podman: Podman) -> str:
         assert shutil.which("mmdebstrap"), "mmdebstrap is not installed (scripts/setup.sh does)"
         CACHE.mkdir(parents=True, exist_ok=True)
         partial = tarball.with_suffix(f".{os.getpid()}.part")
-        subprocess.run(
-            ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={BASE_PACKAGES}",
-             "--format=tar", "bookworm", str(partial)],
-            check=True, timeout=60 * TIMEOUT,
-        )  # fmt: skip
-        partial.rename(tarball)
+        try:
+            subprocess.run(
+                ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={BASE_PACKAGES}",
+                 "--format=tar", "bookworm", str(partial)],
+                check=True, timeout=60 * TIMEOUT,
+            )  # fmt: skip
+            partial.rename(tarball)
+        finally:
+            partial.unlink(missing_ok=True)
         FIGURES["base_from"] = "mmdebstrap, now cached"
     podman("import", str(tarball), tag, timeout=30 * TIMEOUT)
     FIGURES["base_seconds"] = round(time.monotonic() - began, 1)
@@ -131,8 +134,9 @@ def base_image(podman: Podman) -> str:
 
 def _pip_config(key: str) -> str:
     got = subprocess.run(
-        [sys.executable, "-m", "pip", "config", "get", key], capture_output=True, text=True
-    )
+        [sys.executable, "-m", "pip", "config", "get", key],
+        capture_output=True, text=True, timeout=3 * TIMEOUT,
+    )  # fmt: skip
     return got.stdout.strip() if got.returncode == 0 else ""
 
 
