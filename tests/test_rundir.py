@@ -89,6 +89,26 @@ def test_a_file_named_run_is_a_named_error(tmp_path: Path) -> None:
         ensure_run_dir(tmp_path / "run")
 
 
+def in_mount_namespace(
+    setup: str, command: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """COMMAND run after the shell SETUP in a mount namespace of its own (so its mounts need
+    no undoing); skipped where that cannot be had here (no unshare, or SETUP exits 77)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{setup}; exec "$@"',
+         "sh", *command],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    if out.returncode == 77 or "unshare failed" in out.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    return out
+
+
+FILL = "cat /dev/zero 2>/dev/null >"  # a file filling its file system (cat then fails: ENOSPC)
+
+
 READ_ONLY_PROBE = textwrap.dedent(
     """
     import sys
@@ -110,20 +130,12 @@ def test_a_read_only_install_dir_is_a_named_error(tmp_path: Path) -> None:
     """Root ignores modes, not a read-only mount: a tmpfs remounted ro, in a mount namespace."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if shutil.which("unshare") is None:
-        pytest.skip("no unshare(1)")
-    script = (
+    setup = (
         f'mount -t tmpfs -o size=1m tmpfs "{mnt}" && mkdir -m 0700 "{mnt}/old" "{mnt}/old/run" '
-        f'&& mount -o remount,ro "{mnt}" || exit 77; '
-        f'exec "$0" -c "$1" "{mnt}/new/run" "{mnt}/old/run"'
+        f'&& mount -o remount,ro "{mnt}" || exit 77'
     )
-    out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-         sys.executable, READ_ONLY_PROBE],
-        capture_output=True, text=True, timeout=TIMEOUT,
-    )  # fmt: skip
-    if out.returncode == 77 or "unshare failed" in out.stderr:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {out.stderr.strip()}")
+    cmd = [sys.executable, "-c", READ_ONLY_PROBE, f"{mnt}/new/run", f"{mnt}/old/run"]
+    out = in_mount_namespace(setup, cmd)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     fresh, existing = out.stdout.splitlines()
     assert fresh.startswith(f"InvalidConfig {mnt}/new: cannot make the run directory")
@@ -219,19 +231,8 @@ def test_a_full_disk_at_the_first_start_is_a_named_start_failure(tmp_path: Path)
     """A tmpfs filled up (in a mount namespace of its own): the lock's pid cannot be written."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if shutil.which("unshare") is None:
-        pytest.skip("no unshare(1)")
-    script = (
-        f'mount -t tmpfs -o size=64k tmpfs "{mnt}" || exit 77; '
-        f'cat /dev/zero > "{mnt}/fill" 2>/dev/null; exec "$0" -c "$1" "{mnt}/install/run"'
-    )
-    out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-         sys.executable, FULL_DISK_PROBE],
-        capture_output=True, text=True, timeout=TIMEOUT,
-    )  # fmt: skip
-    if out.returncode == 77 or "unshare failed" in out.stderr:
-        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    setup = f'mount -t tmpfs -o size=64k tmpfs "{mnt}" || exit 77; {FILL} "{mnt}/fill"'
+    out = in_mount_namespace(setup, [sys.executable, "-c", FULL_DISK_PROBE, f"{mnt}/install/run"])
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert out.stdout.strip() == (
         f"StartFailed 10 cannot write {mnt}/install/run/cxrd.lock: No space left on device (ENOSPC)"
@@ -241,21 +242,11 @@ def test_a_full_disk_at_the_first_start_is_a_named_start_failure(tmp_path: Path)
 def test_cxrd_on_a_full_disk_exits_with_the_named_error(
     daemon_env: DaemonEnv, notify: NotifySocket
 ) -> None:
-    if shutil.which("unshare") is None:
-        pytest.skip("no unshare(1)")
     install = daemon_env.install_dir
     install.mkdir()
-    script = (
-        f'mount -t tmpfs -o size=64k tmpfs "{install}" || exit 77; '
-        f'cat /dev/zero > "{install}/fill" 2>/dev/null; exec "$@"'
-    )
+    setup = f'mount -t tmpfs -o size=64k tmpfs "{install}" || exit 77; {FILL} "{install}/fill"'
     cxrd = [sys.executable, "-m", "cxrd", "--config", str(daemon_env.config_path)]
-    out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cxrd],
-        env=daemon_env.env, capture_output=True, text=True, timeout=TIMEOUT,
-    )  # fmt: skip
-    if out.returncode == 77 or "unshare failed" in out.stderr:
-        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    out = in_mount_namespace(setup, cxrd, env=daemon_env.env)
     assert out.returncode == StartFailed.exit_code, out.stderr
     assert "Traceback" not in out.stderr
     said = f"cannot write {install}/run/cxrd.lock: No space left on device (ENOSPC)"
