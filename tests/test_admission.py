@@ -71,7 +71,7 @@ def test_a_full_pending_table_evicts_the_busiest_address_oldest_head_first() -> 
         assert isinstance(ticket, Ticket)
         ticket.bind(lambda n=n: aborted.append(n))
         flood.append(ticket)
-    flood[0].enter(Phase.ANSWER)  # being answered: never evicted
+    flood[0].enter(Phase.ANSWER)  # being answered: evicted only after half-open ones
     headset = admission.admit(H)
     assert isinstance(headset, Ticket)
     assert aborted == [1] and admission.pending == 4
@@ -107,14 +107,15 @@ def test_refusals_are_logged_once_per_interval_with_a_count() -> None:
 class Held:
     """An attacker's sockets from 127.0.0.2, closed at the end of the test."""
 
-    def __init__(self, proxy: Proxy, certs: tuple[Path, Path]) -> None:
+    def __init__(self, proxy: Proxy, certs: tuple[Path, Path], source: str = ATTACKER) -> None:
         self.port = proxy.port
         self.tls = client_tls(certs)
+        self.source = source
         self.socks: list[socket.socket] = []
 
     def tcp(self) -> socket.socket:
         sock = socket.create_connection(
-            ("127.0.0.1", self.port), timeout=TIMEOUT, source_address=(ATTACKER, 0)
+            ("127.0.0.1", self.port), timeout=TIMEOUT, source_address=(self.source, 0)
         )
         self.socks.append(sock)
         return sock
@@ -135,6 +136,19 @@ class Held:
 
     def partial_head(self) -> None:
         self.tls_done().sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+
+    def stalled_download(self, path: str) -> None:
+        """A GET of a /client/ file whose answer it never reads past the first bytes."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+        sock.bind((self.source, 0))
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", self.port))
+        self.socks.append(sock)
+        tls = self.tls.wrap_socket(sock, server_hostname="127.0.0.1")
+        self.socks.append(tls)
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        assert tls.recv(64).startswith(b"HTTP/1.1 200 ")
 
     def session(self) -> None:
         sock = self.tls_done()
@@ -225,6 +239,24 @@ def test_a_headset_gets_in_within_a_second_while_another_address_holds_the_table
         assert max(times) < ONE_SECOND
         assert held.open_count() <= 12
         proxy.wait_line("max_per_address reached")
+
+
+def test_a_headset_gets_in_while_a_few_addresses_hold_the_table_with_stalled_downloads(
+    certs: tuple[Path, Path], backend: Backend, tmp_path: Path
+) -> None:
+    # Two addresses fill the pending table with /client/ answers they never read (each
+    # renewable every send_timeout): answers are evicted too once no half-open one is left.
+    (tmp_path / "bundle.js").write_bytes(bytes(8 * 1024 * 1024))
+    flags = ("--client-dir", str(tmp_path), "--max-pending", "4", "--max-per-address", "2")
+    with attacked(certs, backend, *flags) as (proxy, held):
+        other = Held(proxy, certs, "127.0.0.3")
+        try:
+            for attacker in (held, other):
+                for _ in range(2):
+                    attacker.stalled_download("/client/bundle.js")
+            assert max(headset_connects(proxy, certs, 3)) < ONE_SECOND
+        finally:
+            other.close()
 
 
 def test_handshake_and_head_deadlines_close_half_open_connections(

@@ -14,8 +14,9 @@ face the open internet do it:
 - when the pending table is full, a newcomer takes the slot of the oldest
   connection still in its handshake or head from the address holding the
   most pending ones, if that address holds at least two more than the
-  newcomer's: max-min fairness, so a flood from a few hosts cannot keep a
-  headset out.
+  newcomer's, else (by the same rule) of its oldest answer: max-min
+  fairness, so a flood from a few hosts, even of downloads they never read,
+  cannot keep a headset out.
 
 :class:`Admission` keeps the tables; :mod:`cxrd.proxy.acceptor` does the
 accepting and closes what this module turns away or evicts.
@@ -46,6 +47,7 @@ class Phase(enum.Enum):
 
 
 EVICTABLE = frozenset({Phase.HANDSHAKE, Phase.HEAD})
+ANSWERING = frozenset({Phase.ANSWER})  # evicted only when no half-open one may be
 
 
 class Refusal(enum.Enum):
@@ -142,20 +144,17 @@ class Admission:
         return ticket
 
     def _victim(self, own: int) -> Ticket | None:
-        """The oldest evictable ticket of the address holding the most pending, if the swap
-        leaves that address at least as many as the newcomer's (``own`` + 1): no churn
-        between equal shares."""
-        most = max(self._pending_of.values(), default=0)
-        if most <= own + 1:
-            return None
-        for ticket in self._pending:
-            if ticket.phase in EVICTABLE and self._pending_of[ticket.ip] == most:
-                return ticket
-        # The busiest address is past its heads: the next busiest still above ``own``.
-        candidates = [
-            t for t in self._pending if t.phase in EVICTABLE and self._pending_of[t.ip] > own + 1
-        ]
-        return max(candidates, key=lambda t: self._pending_of[t.ip], default=None)
+        """The oldest half-open ticket of the busiest address holding at least two more
+        pending than the newcomer's (``own``; no churn between equal shares), else its
+        oldest answer: a few hosts holding answers they never read must not keep a
+        headset out either."""
+        for phases in (EVICTABLE, ANSWERING):
+            candidates = [
+                t for t in self._pending if t.phase in phases and self._pending_of[t.ip] > own + 1
+            ]
+            if candidates:  # max() keeps the first, the oldest, of the busiest
+                return max(candidates, key=lambda t: self._pending_of[t.ip])
+        return None
 
     def _move(self, ticket: Ticket, phase: Phase) -> None:
         ticket.phase = phase
