@@ -73,8 +73,11 @@ class ClientConn(asyncio.Protocol):
             return
         if self.answered:
             return
+        # Only the new bytes (and the 3 before them) can complete the blank line: a head
+        # sent a byte per TLS record must not cost a scan of all it holds per record.
+        start = max(0, len(self.head) - 3)
         self.head += data
-        end = self.head.find(b"\r\n\r\n")
+        end = self.head.find(b"\r\n\r\n", start)
         if end < 0:
             if len(self.head) > MAX_HEAD:
                 self.ticket.enter(Phase.ANSWER)
