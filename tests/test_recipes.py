@@ -104,9 +104,14 @@ def test_containerfile_installs_this_checkout_with_the_runtime_and_keeps_no_secr
         assert "--mount=type=secret,id=pip-ca,target=/run/secrets/pip-ca" in run
         assert "--mount=type=secret,id=pip.conf,target=/etc/pip.conf" in run
     assert not [env for env in cf["ENV"] if "PIP_CERT" in env or "CA_BUNDLE" in env]
-    # Byte-code the tests leave in cxrd/ stays out of the context (docker and podman read this).
-    ignore = (CONTAINER / "Containerfile.dockerignore").read_text().split()
-    assert "**/__pycache__" in ignore
+    # The context is what the build copies from it and nothing else (no .venv, .git or
+    # certificates sent to the builder); the byte-code the tests leave in cxrd/ stays out
+    # too (docker and podman read this).
+    text = (CONTAINER / "Containerfile.dockerignore").read_text()
+    rules = [line for line in text.splitlines() if line and not line.startswith("#")]
+    copied = {src for c in cf["COPY"] if not c.startswith("--from") for src in c.split()[:-1]}
+    assert rules[0] == "*" and {rule[1:] for rule in rules if rule[0] == "!"} == copied
+    assert "**/__pycache__" in rules
 
 
 # --- compose.yaml -------------------------------------------------------------------------
