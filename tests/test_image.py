@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 import yaml
 from support import TIMEOUT, free_port, wait_until
-from test_container import child_of, metric, zombies
-from test_health import answer, first_answer
+from test_container import child_of, metric, wait_ready, zombies
+from test_health import answer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINER = ROOT / "packaging" / "container"
@@ -214,8 +214,9 @@ def test_the_image_holds_this_checkout_and_keeps_its_healthcheck(
         "run", "--rm", "--network", "none", "--entrypoint", "cxrd", image.tag, "--version"
     )
     ours = subprocess.run(
-        [sys.executable, "-m", "cxrd", "--version"], capture_output=True, text=True
-    )
+        [sys.executable, "-m", "cxrd", "--version"],
+        capture_output=True, text=True, timeout=3 * TIMEOUT,
+    )  # fmt: skip
     assert version.stdout.strip() == ours.stdout.strip() != ""
     listing = (
         "import cxrd, hashlib, json, pathlib; root = pathlib.Path(cxrd.__file__).parent.parent;"
@@ -311,8 +312,7 @@ def test_cxrd_is_pid_1_restarts_reaps_and_stops_and_an_application_shares_it(
     podman("run", "-d", "--name", name, "--network", "host", "-e", "CXRD_ACCEPT_EULA=1",
            "-v", f"{volume}:{INSTALL}", "-v", f"{config}:/etc/cxrd.toml:ro",
            IMAGE, "--config", "/etc/cxrd.toml", *sim_command())  # fmt: skip
-    first_answer(HEALTH_PORT, "/readyz")
-    wait_until(lambda: answer(HEALTH_PORT, "/readyz")[0] == 200, "ready", timeout=3 * TIMEOUT)
+    wait_ready(HEALTH_PORT)
     FIGURES["seconds_to_readyz_200"] = round(time.monotonic() - began, 2)
 
     pid1 = int(podman.inspect("container", name, "{{.State.Pid}}"))
