@@ -203,3 +203,25 @@ def test_the_guard_removes_the_files_only_after_a_cxrd_that_died_and_no_runtime_
         assert env_file.exists()
     run_guard(files)  # cxrd died and nothing answers: the file would mislead a reader
     assert not env_file.exists()
+
+
+def test_a_guard_ended_by_sigterm_is_replaced_like_a_killed_one(
+    daemon_env: DaemonEnv, notify: NotifySocket
+) -> None:
+    # cxrd holds SIGTERM, SIGINT and SIGHUP from its first line; its first guard,
+    # started then, must not keep them held (a stray SIGTERM would be ignored).
+    daemon_env.write_config()
+    proc = daemon_env.start()
+    notify.wait_for(lambda m: m.get("READY") == "1")
+    (guard,) = guards_of(proc.pid)
+    os.kill(guard, signal.SIGTERM)
+    wait_until(
+        lambda: (
+            f"the guard (pid {guard}) killed by SIGTERM; starting another"
+            in daemon_env.daemon_log()
+        ),
+        what="the log to say the guard ended by SIGTERM was replaced",
+    )
+    wait_until(lambda: [pid for pid in guards_of(proc.pid) if pid != guard], what="a new guard")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=TIMEOUT) == 0

@@ -89,5 +89,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # The mask is inherited: the first guard starts while cxrd still holds
+    # SIGTERM, SIGINT and SIGHUP (cxrd.__main__), its replacements do not.
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     main()
