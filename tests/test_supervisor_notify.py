@@ -33,7 +33,9 @@ def after(lines: list[str], marker: str) -> list[str]:
     return lines[lines.index(marker) + 1 :] if marker in lines else []
 
 
-def test_a_reload_queued_behind_a_failing_first_start_never_says_ready(h: Harness) -> None:
+def test_a_reload_queued_behind_a_failing_first_start_never_says_ready(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
     h.call(h.sup.launch)
     reload = h.reload_with(h.config)
     assert "RELOADING=1" not in h.world.notified, "the reload has not begun"
@@ -41,6 +43,9 @@ def test_a_reload_queued_behind_a_failing_first_start_never_says_ready(h: Harnes
     assert h.run(h.sup.wait_stopped()) == StartFailed.exit_code
     assert isinstance(reload.exception(), StartFailed)
     assert "READY=1" not in h.world.notified and "RELOADING=1" not in h.world.notified
+    # Overtaken by the failure, not refused: no line says the reload was refused.
+    assert not any("reload refused" in line for line in h.world.notified)
+    assert "reload refused" not in caplog.text and "reload not done" in caplog.text
 
 
 def test_a_reload_queued_behind_the_first_start_says_reloading_once_it_begins(

@@ -320,11 +320,11 @@ class Operations(Runner):
             if op.prep is not None:
                 op.prep.cancel()
             self._discard_proxy(op)
+            if op.kind is Kind.RELOAD and op.replies:
+                # Not refused: overtaken. The failure's own STATUS= line stays the last word.
+                log.warning("reload not done: the daemon failed first")
             for reply in op.replies:
-                if op.kind is Kind.RELOAD:
-                    self._reload_answered(reply, err)
-                else:
-                    answer(reply, err)
+                answer(reply, err)
 
 
 def answer(reply: M.Reply, outcome: str | CxrdError) -> None:
