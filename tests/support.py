@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -23,6 +24,11 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def mode(path: Path) -> int:
+    """The permission bits of ``path`` itself (a link is not followed)."""
+    return stat.S_IMODE(os.lstat(path).st_mode)
 
 
 def wait_until(

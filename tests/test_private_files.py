@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_daemon import DaemonEnv, NotifySocket
-from support import TIMEOUT, free_port, wait_until
+from support import TIMEOUT, free_port, mode, wait_until
 
 from cxrd import constants as C
 from cxrd.config import Config, LogsConfig, ProxyConfig
@@ -35,10 +34,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="planting as another u
 NOBODY = 65534
 AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 PRECIOUS = "the user's own notes\n"
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(os.lstat(path).st_mode)
 
 
 def as_nobody(script: str, cwd: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_daemon import DaemonEnv, NotifySocket
-from support import TIMEOUT
+from support import TIMEOUT, mode
 
 from cxrd.constants import MAX_SOCKET_PATH
 from cxrd.errors import InvalidConfig, StartFailed
@@ -23,10 +22,6 @@ from cxrd.system.rundir import (
     live_runtime_pid,
     lock_holder,
 )
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(os.lstat(path).st_mode)
 
 
 def test_the_run_dir_is_made_private_and_a_loose_mode_of_ours_is_put_right(
